@@ -1,0 +1,111 @@
+import numpy as np
+import pytest
+import torch
+
+from vrpsam_med.engine.box import box_segment
+from vrpsam_med.io.volume import Volume, get_slice
+from vrpsam_med.models.backbones import CheckpointError, SliceGeometry, load_backbone
+from vrpsam_med.models.cache import EmbeddingCache
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone("litemedsam", device="cpu")
+
+
+def _phantom(shape=(96, 80, 6)) -> tuple[Volume, np.ndarray]:
+    """A bright ellipse (the structure) and a dimmer square on a dark background, in every slice."""
+    x, y = np.mgrid[: shape[0], : shape[1]]
+    ell = ((x - 30) / 14.0) ** 2 + ((y - 40) / 20.0) ** 2 <= 1
+    sq = (x > 60) & (x < 85) & (y > 10) & (y < 35)
+    rng = np.random.default_rng(0)
+    arr = np.zeros(shape, np.float32)
+    arr[ell] = 200
+    arr[sq] = 100
+    arr += rng.normal(0, 5, shape).astype(np.float32)
+    labels = np.repeat(ell[..., None], shape[2], axis=2)
+    return Volume(arr, np.diag([-1.0, -1.0, 2.0, 1.0]), modality="MR"), labels
+
+
+def test_slice_geometry_round_trip():
+    g = SliceGeometry(100, 50, 256)
+    assert g.resized == (256, 128)
+    x = torch.rand(2, 100, 50)
+    m = g.image_to_model(x)
+    assert m.shape == (2, 3, 256, 256) and float(m[..., 130:].abs().sum()) == 0.0
+    logits = torch.zeros(2, 1, 256, 256)
+    logits[..., :256, :128] = 1.0
+    assert g.logits_to_slice(logits).shape == (2, 100, 50)
+    assert float(g.logits_to_slice(logits).min()) == 1.0
+
+
+def test_box_prompt_segments_the_boxed_object(backbone):
+    vol, labels = _phantom()
+    cache = EmbeddingCache(backbone, root=None, progress=False)
+    gt = get_slice(labels, 2)
+    ys, xs = np.nonzero(gt)
+    res = box_segment(vol, {2: np.array([xs.min(), ys.min(), xs.max(), ys.max()])}, cache)
+    pred = get_slice(res.labels, 2) > 0
+    dice = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+    assert dice > 0.85, dice
+    assert res.labels[..., [0, 1, 3, 4, 5]].sum() == 0  # only the prompted slice is labelled
+    assert res.encoded == 1
+
+
+def test_cache_encodes_each_slice_once_and_persists(backbone, tmp_path):
+    vol, _ = _phantom()
+    cache = EmbeddingCache(backbone, root=tmp_path, progress=False)
+    e1 = cache.get(vol, [0, 1, 1, 3])
+    assert e1.shape == (4, 256, 64, 64) and cache.encoded == 3
+    e2 = cache.get(vol, [3, 1])
+    assert cache.encoded == 3
+    assert torch.allclose(e2[0], e1[3]) and torch.allclose(e2[1], e1[1])
+    fresh = EmbeddingCache(backbone, root=tmp_path, progress=False)
+    fresh.get(vol, [0, 1, 3])
+    assert fresh.encoded == 0
+    # different content -> different key
+    other = Volume(vol.array + 1.0, vol.affine, modality="MR")
+    fresh.get(other, [0])
+    assert fresh.encoded == 1
+    assert len(list(tmp_path.rglob("*.npy"))) == 4
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_bf16_masks_match_fp32(backbone):
+    vol, labels = _phantom()
+    fp32 = load_backbone("litemedsam", device="cpu", precision="fp32")
+    box = {1: np.array([16, 20, 44, 60])}
+    a = box_segment(vol, box, EmbeddingCache(fp32, root=None, progress=False)).labels
+    b = box_segment(vol, box, EmbeddingCache(backbone, root=None, progress=False)).labels
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
+    assert fp32.id != backbone.id
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_backbone("litemedsam", checkpoint=tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="junk.pth: cannot read"):
+        load_backbone("litemedsam", checkpoint=junk)
+    wrong = tmp_path / "wrong.pth"
+    torch.save(torch.nn.Linear(3, 4).state_dict(), wrong)
+    with pytest.raises(CheckpointError, match="wrong.pth: not a LiteMedSAM checkpoint"):
+        load_backbone("litemedsam", checkpoint=wrong)
+    with pytest.raises(CheckpointError, match="wrong.pth: not a SAM vit_b checkpoint"):
+        load_backbone("sam_vit_b", checkpoint=wrong)
+    with pytest.raises(CheckpointError, match="needs --checkpoint"):
+        load_backbone("medsam")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        load_backbone("unet")
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    p = tmp_path / "evil.pth"
+    torch.save({"model": Evil()}, p)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_backbone("litemedsam", checkpoint=p)

@@ -1,0 +1,133 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vrpsam_med.models.backbones import load_backbone
+from vrpsam_med.training.data import CaseRecord, to_model_space
+from vrpsam_med.training.episodes import EpisodeConfig, EpisodeSampler
+from vrpsam_med.training.train import TrainConfig, train
+
+
+def synthetic_records(folder: Path, n_cases: int = 2, n_slices: int = 6) -> list[CaseRecord]:
+    """Tiny volumes: a 'liver' disc on slices 1..4 and square supervoxels; random embeddings."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:256, :256]
+    recs = []
+    for c in range(n_cases):
+        labels = np.zeros((n_slices, 256, 256), np.int16)
+        for k in range(1, n_slices - 1):
+            labels[k][(yy - 100 - 5 * c) ** 2 + (xx - 120) ** 2 < (30 + 3 * k) ** 2] = 1
+        sv = np.zeros((n_slices, 256, 256), np.int32)
+        for k in range(n_slices):
+            sv[k] = 1 + (yy // 64) * 4 + xx // 64
+        paths = []
+        for k in range(n_slices):
+            p = folder / f"c{c}_{k}.npy"
+            np.save(p, rng.normal(size=(256, 64, 64)).astype(np.float16))
+            paths.append(p)
+        recs.append(CaseRecord("synth", f"case{c}", {1: "liver", 2: "spleen"}, labels, sv, paths))
+    return recs
+
+
+def test_to_model_space_pads_like_the_image():
+    m = np.zeros((1, 100, 50), np.int16)
+    m[0, :, :] = 3
+    out = to_model_space(m)
+    assert out.shape == (1, 256, 256)
+    assert (out[0, :, :128] == 3).all() and (out[0, :, 128:] == 0).all()
+
+
+def test_sampler_episodes_are_consistent(tmp_path):
+    recs = synthetic_records(tmp_path)
+    s = EpisodeSampler(recs, EpisodeConfig(p_negative=0.3), seed=1)
+    b = s.batch(16)
+    assert b.ref_emb.shape == (16, 1, 256, 64, 64) and b.tgt_mask.shape == (16, 1, 256, 256)
+    assert b.ref_mask.shape == (16, 1, 1, 256, 256)
+    assert all(float(m.sum()) > 0 for m in b.ref_mask)  # references are never empty
+    assert ((b.tgt_mask.sum(dim=(1, 2, 3)) > 0).float() == b.present).all()
+    assert 0 < b.present.mean() < 1  # negatives and positives both drawn
+    assert set(b.kinds) <= {"mask", "box", "scribble", "point"}
+
+
+def test_sampler_excludes_labels_and_is_deterministic(tmp_path):
+    recs = synthetic_records(tmp_path)
+    with pytest.raises(ValueError, match="no labelled structures"):
+        EpisodeSampler(recs, EpisodeConfig(exclude=["liver"], p_supervoxel=0.0))
+    a = EpisodeSampler(recs, EpisodeConfig(), seed=3).batch(4)
+    b = EpisodeSampler(recs, EpisodeConfig(), seed=3).batch(4)
+    assert torch.equal(a.tgt_mask, b.tgt_mask) and torch.equal(a.ref_mask, b.ref_mask)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone(device="cpu")
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "last" / "vrp_encoder.safetensors"))
+
+
+def test_train_resume_equals_uninterrupted(tmp_path, backbone):
+    recs = synthetic_records(tmp_path)
+    cfg = TrainConfig(batch_size=2, max_steps=4, checkpoint_every=2, num_queries=8, bf16=False)
+    straight = train(cfg, recs, backbone, tmp_path / "a")
+    cfg2 = TrainConfig(batch_size=2, max_steps=2, checkpoint_every=2, num_queries=8, bf16=False)
+    train(cfg2, recs, backbone, tmp_path / "b")
+    resumed = train(cfg, recs, backbone, tmp_path / "b")
+    assert straight["step"] == resumed["step"] == 4
+    wa, wb = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.allclose(wa[k], wb[k]) for k in wa)
+    card = json.loads((tmp_path / "a" / "last" / "model_card.json").read_text())
+    assert card["step"] == 4 and card["config"]["num_queries"] == 8
+    assert (tmp_path / "a" / "log.csv").read_text().count("\n") >= 2
+
+
+def test_training_reduces_loss_on_a_learnable_task(tmp_path, backbone):
+    recs = synthetic_records(tmp_path)
+    cfg = TrainConfig(batch_size=4, max_steps=30, checkpoint_every=30, num_queries=8, lr=1e-3, bf16=False,
+                      episodes=EpisodeConfig(p_supervoxel=0.0, p_negative=0.0))
+    train(cfg, recs, backbone, tmp_path / "run")
+    rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    loss = [float(r.split(",")[header.index("loss")]) for r in rows[1:]]
+    assert loss[-1] < loss[0]
+
+
+DDP_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_training import synthetic_records
+from vrpsam_med.models.backbones import load_backbone
+from vrpsam_med.training.train import TrainConfig, train
+import torch.distributed as dist
+torch.set_num_threads(1)
+recs = synthetic_records(Path({tmp!r}))
+row = train(TrainConfig(batch_size=1, max_steps=2, checkpoint_every=2, num_queries=8, bf16=False), recs,
+            load_backbone(device="cpu"), Path({run!r}))
+print("RANK", dist.get_rank(), "STEP", row["step"])
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), run=str(tmp_path / "run")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with socket.socket() as s:  # a free loopback port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "RANK 0 STEP 2" in proc.stdout and "RANK 1 STEP 2" in proc.stdout
+    state = torch.load(tmp_path / "run" / "last" / "state.pt", weights_only=True)
+    assert len(state["sampler"]) == 2  # both ranks' sampler states are saved

@@ -1,0 +1,312 @@
+"""``vrpsam-med`` command line. Thin: every command calls library objects.
+
+Errors from bad input print one line ``vrpsam-med: error: <file>: <problem>`` and exit 2;
+``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vrpsam_med import __version__
+
+EPILOG = "Docs: README.md. Every command accepts --debug for a full traceback on errors."
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="litemedsam",
+                   help="litemedsam (embedded default) | sam_vit_b | sam_vit_l | sam_vit_h | medsam")
+    g.add_argument("--checkpoint", type=Path, default=None,
+                   help="local weights for SAM/MedSAM backbones (.pth or .safetensors); never downloaded")
+    g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="encoder precision (auto: bf16 autocast, see docs/benchmarks.md)")
+    g.add_argument("--cache-dir", default="default",
+                   help="embedding cache folder (default ~/.cache/vrpsam-med/embeddings, or $VRPSAM_CACHE_DIR); "
+                        "'none' keeps embeddings in memory only")
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--series", default=None, help="SeriesInstanceUID when a DICOM folder holds several series")
+    p.add_argument("--preset", default=None,
+                   help="intensity preset: CT window abdomen|liver|lung|bone|brain|mediastinum, or percentile")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vrpsam-med",
+        description="Annotate one structure on one slice; segment it across slices and patients (VRP-SAM).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vrpsam-med {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="describe a scan: shape, spacing, orientation, modality, intensities",
+                       description="Describe a scan (NIfTI, NRRD, MHA, or a DICOM series folder).")
+    p.add_argument("path", type=Path, help="scan file or DICOM folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_input_options(p)
+
+    p = sub.add_parser("boxseg", help="plain SAM box segmentation of one slice",
+                       description="Segment one slice from a box (the backbone smoke path). Writes a "
+                                   "volume-shaped mask (only slice K labelled) in the source geometry and a PNG overlay.")
+    p.add_argument("path", type=Path, help="scan file or DICOM folder")
+    p.add_argument("--box", required=True, help="x0,y0,x1,y1 in pixels of the displayed slice (x = column)")
+    p.add_argument("--slice", type=int, required=True, dest="slice_index", help="slice index K")
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--out", type=Path, required=True,
+                   help="output mask: .nii/.nii.gz (NIfTI) or .dcm (DICOM SEG, DICOM inputs only)")
+    p.add_argument("--png", type=Path, default=None, help="overlay PNG (default: OUT with .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_input_options(p)
+    _add_model_options(p)
+
+    p = sub.add_parser("embed", help="precompute and cache image embeddings for a dataset or scans",
+                       description="Encode every slice of the given scans (or of an MSD dataset's cases) into "
+                                   "the embedding cache, so later commands never encode twice.")
+    p.add_argument("paths", type=Path, nargs="+", help="scan files, DICOM folders, or MSD dataset folders")
+    p.add_argument("--split", default=None, help="MSD split to encode (default: all cases)")
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    _add_input_options(p)
+    _add_model_options(p)
+
+    p = sub.add_parser("train", help="meta-train the VRP encoder on cached embeddings (resumable)",
+                       description="Episodic meta-training on MSD datasets (labelled structures + supervoxel "
+                                   "pseudo-structures). Re-running with the same RUN_DIR resumes. Works under torchrun. "
+                                   "Options override the --config file.")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (configs/train/*.yaml)")
+    p.add_argument("--dataset", type=Path, nargs="+", default=None, dest="datasets", help="MSD dataset folders")
+    p.add_argument("--split", default=None, help="split to train on (default train)")
+    p.add_argument("--exclude-labels", default=None, help="comma-separated structure names never used as targets")
+    p.add_argument("--out", type=Path, required=True, help="RUN_DIR (checkpoints, log.csv, model card)")
+    p.add_argument("--steps", type=int, default=None, help="max training steps")
+    p.add_argument("--time-budget", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--p-supervoxel", type=float, default=None, help="share of supervoxel episodes")
+    p.add_argument("--max-cases", type=int, default=None, help="use only the first N cases of each dataset")
+    _add_model_options(p)
+
+    p = sub.add_parser("evaluate", help="evaluate on an MSD folder (fewshot or volume protocol)",
+                       description="Evaluate VRP-SAM or a baseline on any MSD/nnU-Net-layout folder.")
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--split", default="test", help="split name; all cases when the dataset has no split")
+    p.add_argument("--protocol", choices=["fewshot", "volume"], default="fewshot")
+    p.add_argument("--annotation", choices=["mask", "box", "scribble", "point"], default="mask")
+    p.add_argument("--labels", default=None, help="comma-separated structure names (default: all)")
+    p.add_argument("--method", choices=["vrp", "gt_box", "prototype"], default="vrp")
+    p.add_argument("--model", type=Path, default=None, help="trained model folder or RUN_DIR (default: shipped)")
+    p.add_argument("--wrong-reference", action="store_true",
+                   help="control: prompt with a different structure's reference")
+    p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, dest="json_out", help="write results JSON here")
+    p.add_argument("--overwrite", action="store_true")
+    _add_model_options(p)
+
+    p = sub.add_parser("demo", help="the README's main job on a scan that ships with nilearn (no network)",
+                       description="Segment the lateral ventricles of the MNI152 T1 template (bundled "
+                                   "with nilearn) from one box and write a mask plus a PNG overlay.")
+    p.add_argument("--out", type=Path, default=Path("vrpsam_demo"), help="output folder (default ./vrpsam_demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    _add_model_options(p)
+    return parser
+
+
+def _cache(args):
+    from vrpsam_med.models.backbones import load_backbone
+    from vrpsam_med.models.cache import EmbeddingCache
+
+    backbone = load_backbone(args.backbone, args.checkpoint, device=args.device, precision=args.precision)
+    root = None if str(args.cache_dir).lower() == "none" else args.cache_dir
+    return EmbeddingCache(backbone, root=root)
+
+
+def cmd_info(args) -> int:
+    from vrpsam_med.io import load_volume, volume_info
+
+    info = volume_info(load_volume(args.path, series_uid=args.series))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def _parse_box(text: str) -> np.ndarray:
+    from vrpsam_med.prompts import AnnotationError
+
+    try:
+        vals = [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 4:
+        raise AnnotationError(f"--box {text!r}: expected four numbers x0,y0,x1,y1")
+    return np.array(vals)
+
+
+def cmd_boxseg(args) -> int:
+    from vrpsam_med.engine.box import box_segment
+    from vrpsam_med.io import load_volume
+    from vrpsam_med.io.intensity import intensity_range, to_unit_range
+    from vrpsam_med.io.volume import get_slice
+    from vrpsam_med.io.outputs import write_mask, write_overlay
+
+    box = _parse_box(args.box)
+    volume = load_volume(args.path, series_uid=args.series)
+    get_slice(volume.array, args.slice_index, args.axis)  # index check before loading the model
+    png = args.png or args.out.with_name(args.out.name.split(".")[0] + ".png")
+    outputs_free([args.out, png], args.overwrite)
+    t0 = time.perf_counter()
+    result = box_segment(volume, {args.slice_index: box}, _cache(args), args.axis, args.preset)
+    write_mask(result.labels, volume, args.out, {1: "structure"}, overwrite=args.overwrite)
+    lo, hi = intensity_range(volume, args.preset)
+    image = to_unit_range(get_slice(volume.array, args.slice_index, args.axis), lo, hi)
+    write_overlay(image, get_slice(result.labels, args.slice_index, args.axis), png, box=box,
+                  overwrite=args.overwrite)
+    area = int(result.labels.sum())
+    print(f"slice {args.slice_index} ({args.axis}): {area} px, predicted IoU {result.scores[args.slice_index]:.3f}, "
+          f"{time.perf_counter() - t0:.1f} s")
+    print(f"wrote {args.out}\nwrote {png}")
+    return 0
+
+
+def outputs_free(paths: list[Path], overwrite: bool) -> None:
+    """Refuse early (before any work) when an output exists and --overwrite was not given."""
+    from vrpsam_med.io.errors import OutputExistsError
+
+    for p in paths:
+        if p.exists() and not overwrite:
+            raise OutputExistsError(f"{p}: output exists; pass --overwrite to replace it")
+
+
+def _scans(paths: list[Path], split: str | None):
+    """Yield volumes from scan paths and MSD dataset folders."""
+    from vrpsam_med.io import load_volume
+    from vrpsam_med.io.msd import MSDDataset
+
+    for p in paths:
+        if (p / "dataset.json").is_file():
+            ds = MSDDataset.open(p)
+            for case in ds.cases(split):
+                yield load_volume(case.image, modality=ds.modality)
+        else:
+            yield load_volume(p)
+
+
+def cmd_embed(args) -> int:
+    from vrpsam_med.errors import UsageError
+    from tqdm.auto import tqdm
+
+    cache = _cache(args)
+    if cache.root is None:
+        raise UsageError("embed needs an on-disk cache: drop --cache-dir none")
+    total = 0
+    for volume in tqdm(list(_scans(args.paths, args.split)), desc="volumes", unit="vol"):
+        before = cache.encoded
+        cache.paths(volume, range(volume.num_slices(args.axis)), args.axis, args.preset)
+        total += cache.encoded - before
+    print(f"encoded {total} new slices into {cache.root / cache.backbone.id}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from vrpsam_med.errors import UsageError
+    from vrpsam_med.io.msd import MSDDataset
+    from vrpsam_med.training.config import load_train_config
+    from vrpsam_med.training.data import prepare_case
+    from vrpsam_med.training.train import train
+
+    overrides = {"datasets": [str(d) for d in args.datasets] if args.datasets else None, "split": args.split,
+                 "exclude_labels": [x for x in args.exclude_labels.split(",") if x] if args.exclude_labels else None,
+                 "max_steps": args.steps, "time_budget_s": args.time_budget, "batch_size": args.batch_size,
+                 "lr": args.lr, "seed": args.seed, "episodes.p_supervoxel": args.p_supervoxel}
+    cfg = load_train_config(args.config, overrides)
+    if not cfg.datasets:
+        raise UsageError("train: no datasets (give --dataset DIR... or a --config with 'datasets')")
+    cache = _cache(args)
+    if cache.root is None:
+        raise UsageError("train needs an on-disk embedding cache: drop --cache-dir none")
+    records = []
+    for root in cfg.datasets:
+        ds = MSDDataset.open(root)
+        cases = ds.cases(cfg.split)[: args.max_cases]
+        for case in cases:
+            records.append(prepare_case(ds, case, cache, cache.root.parent / "episodes"))
+        print(f"{ds.name}: {len(cases)} cases prepared", flush=True)
+    known = {n for r in records for n in r.label_names.values()}
+    unknown = [x for x in cfg.exclude_labels if x not in known]
+    if unknown:
+        raise UsageError(f"--exclude-labels: {', '.join(unknown)} not a label of these datasets")
+    row = train(cfg, records, cache.backbone, args.out, command=" ".join(sys.argv))
+    print(f"stopped at step {row.get('step')}: {row}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from vrpsam_med.engine.reference import ReferencePredictor
+    from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
+    from vrpsam_med.io.msd import MSDDataset
+    from vrpsam_med.io.outputs import write_json
+    from vrpsam_med.models.vrp import load_vrp
+
+    if args.json_out is not None:
+        outputs_free([args.json_out], args.overwrite)
+    ds = MSDDataset.open(args.dataset)
+    cache = _cache(args)
+    predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache) if args.method == "vrp" else None
+    cfg = EvalConfig(protocol=args.protocol, annotation=args.annotation,
+                     labels=args.labels.split(",") if args.labels else None, split=args.split, method=args.method,
+                     seed=args.seed, max_cases=args.max_cases, wrong_reference=args.wrong_reference)
+    result = evaluate(ds, cfg, cache, predictor)
+    print(result.markdown())
+    print(f"{len(result.per_case)} evaluations in {result.seconds:.0f} s")
+    if args.json_out is not None:
+        write_json(result.to_json(), args.json_out, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from vrpsam_med.demo import run_demo
+
+    return run_demo(args.out, cache=_cache(args), overwrite=args.overwrite)
+
+
+COMMANDS = {"info": cmd_info, "boxseg": cmd_boxseg, "embed": cmd_embed, "train": cmd_train,
+            "evaluate": cmd_evaluate, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 1
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    from vrpsam_med.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"vrpsam-med: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vrpsam-med: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

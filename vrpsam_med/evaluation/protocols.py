@@ -1,0 +1,228 @@
+"""Evaluation protocols on any MSD/nnU-Net-layout folder.
+
+- ``fewshot``: the FSMIS protocol of Ouyang et al. 2020 (SSL-ALPNet): 1-shot, support patient !=
+  query patient (the support rotates: the next patient in the split), the query's slices that contain
+  the structure are split into 3 chunks along z, each chunk prompted by the support's middle slice of
+  the same chunk; Dice per 3D volume over those slices, averaged over query patients.
+- ``volume``: clinical use. Reference = the structure's largest slice in one patient; targets =
+  (a) every slice of the same volume, (b) every slice of each other patient; 3D Dice and HD95 over
+  the whole volume, empty slices included, plus the share of empty slices given a false mask.
+
+Methods: ``vrp`` (the model), ``gt_box`` (ground-truth box per slice: upper bound), ``prototype``
+(training-free: cosine similarity to the reference prototype -> box -> SAM).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vrpsam_med.errors import UsageError
+from vrpsam_med.engine.reference import Reference, ReferencePredictor
+from vrpsam_med.evaluation.metrics import dice_3d, hd95
+from vrpsam_med.io.msd import MSDDataset
+from vrpsam_med.io.volume import Volume, get_slice, set_slice, slice_shape
+from vrpsam_med.models.backbones import SliceGeometry
+from vrpsam_med.models.cache import EmbeddingCache
+from vrpsam_med.prompts import mask_box, simulate
+
+METHODS = ("vrp", "gt_box", "prototype")
+PROTOCOLS = ("fewshot", "volume")
+
+
+@dataclass
+class EvalConfig:
+    protocol: str = "fewshot"
+    annotation: str = "mask"
+    labels: Sequence[str] | None = None
+    split: str | None = "test"
+    method: str = "vrp"
+    seed: int = 0
+    max_cases: int | None = None
+    wrong_reference: bool = False  # control: reference shows a different structure
+
+
+@dataclass
+class EvalResult:
+    mean_dice: float
+    per_label: dict[str, float]
+    per_case: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    config: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"mean_dice": self.mean_dice, "per_label": self.per_label, "per_case": self.per_case,
+                "seconds": self.seconds, "config": self.config}
+
+    def markdown(self) -> str:
+        names = list(self.per_label)
+        head = "| " + " | ".join(["method", *names, "mean"]) + " |\n|" + "---|" * (len(names) + 2)
+        row = f"| {self.config.get('method', '?')} | " + " | ".join(f"{self.per_label[n]:.3f}" for n in names)
+        return f"{head}\n{row} | {self.mean_dice:.3f} |"
+
+
+class _Segmenters:
+    """The per-method 'reference slice -> target slice masks' functions."""
+
+    def __init__(self, method: str, cache: EmbeddingCache, predictor: ReferencePredictor | None) -> None:
+        self.method, self.cache, self.predictor = method, cache, predictor
+
+    def reference(self, volume: Volume, k: int, mask2d: np.ndarray, kind: str, rng) -> Reference:
+        ann = simulate(mask2d, kind, rng)
+        if self.predictor is not None:
+            return self.predictor.reference(volume, k, ann)
+        h, w = mask2d.shape
+        geom = SliceGeometry(h, w, self.cache.backbone.image_size)
+        emb = self.cache.get(volume, [k])[0]
+        m = geom.mask_to_model(torch.from_numpy(ann.to_mask((h, w)))[None])[0]
+        return Reference(emb, (m > 0.5).float(), kind, f"{volume.name}:{k}")
+
+    def segment(self, refs: list[Reference], volume: Volume, indices: Sequence[int], gt: np.ndarray,
+                gate: bool) -> np.ndarray:
+        """(N, H, W) masks for ``indices``; ``gt`` (N, H, W) only used by the gt_box upper bound."""
+        if self.method == "vrp":
+            thr = self.predictor.presence_threshold
+            if not gate:
+                self.predictor.presence_threshold = 0.0
+            try:
+                return self.predictor.predict(refs, volume, indices).masks
+            finally:
+                self.predictor.presence_threshold = thr
+        h, w = slice_shape(volume.shape)
+        geom = SliceGeometry(h, w, self.cache.backbone.image_size)
+        out = np.zeros((len(indices), h, w), bool)
+        bb = self.cache.backbone
+        for start in range(0, len(indices), 8):
+            chunk = list(indices[start:start + 8])
+            emb = self.cache.get(volume, chunk)
+            if self.method == "gt_box":
+                have = [i for i, _ in enumerate(chunk) if gt[start + i].any()]
+                if not have:
+                    continue
+                boxes = np.stack([mask_box(gt[start + i]) for i in have])
+                logits, _ = bb.segment_boxes(emb[have], boxes, geom)
+                for j, i in enumerate(have):
+                    out[start + i] = logits[j].numpy() > 0
+            else:  # prototype: cosine similarity to the reference prototype -> box -> SAM
+                ref = refs[0]
+                grid = F.adaptive_avg_pool2d(ref.mask[None], 64)[0]
+                proto = (ref.embedding * grid).sum((1, 2)) / grid.sum().clamp_min(1e-6)
+                sim = torch.einsum("nchw,c->nhw", F.normalize(emb, dim=1), F.normalize(proto, dim=0))
+                for i in range(len(chunk)):
+                    s = sim[i]
+                    hit = s >= max(float(s.max()) * 0.9, 0.5 if gate else -1.0)
+                    if not hit.any():
+                        continue
+                    ys, xs = np.nonzero(hit.numpy())
+                    scale = bb.image_size / 64 / geom.scale  # embedding cell -> slice pixels
+                    box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]) * scale
+                    box = np.clip(box, 0, [w - 1, h - 1, w - 1, h - 1])
+                    logits, _ = bb.segment_boxes(emb[i:i + 1], box[None], geom)
+                    out[start + i] = logits[0].numpy() > 0
+        return out
+
+
+def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
+             predictor: ReferencePredictor | None = None) -> EvalResult:
+    if cfg.protocol not in PROTOCOLS:
+        raise UsageError(f"unknown protocol {cfg.protocol!r}; use {', '.join(PROTOCOLS)}")
+    if cfg.method not in METHODS:
+        raise UsageError(f"unknown method {cfg.method!r}; use {', '.join(METHODS)}")
+    if cfg.method == "vrp" and predictor is None:
+        raise UsageError("method 'vrp' needs a trained model")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    names = list(cfg.labels) if cfg.labels else list(dataset.labels.values())
+    values = {n: dataset.label_value(n) for n in names}
+    cases = dataset.cases(cfg.split)[: cfg.max_cases]
+    if len(cases) < 2:
+        raise UsageError(f"{dataset.root}: the protocols need at least 2 cases in split {cfg.split!r}")
+    loaded = [(c.case_id, *dataset.load(c)) for c in cases]
+    seg = _Segmenters(cfg.method, cache, predictor)
+    rows: list[dict] = []
+    for name in names:
+        value = values[name]
+        wrong = _wrong_value(values, value) if cfg.wrong_reference else None
+        for qi, (qid, qvol, qlab) in enumerate(loaded):
+            if not (qlab == value).any():
+                continue
+            if cfg.protocol == "fewshot":
+                si = (qi + 1) % len(loaded)
+                sid, svol, slab = loaded[si]
+                d = _fewshot_case(seg, svol, slab, qvol, qlab, value, wrong, cfg.annotation, rng)
+                if d is not None:
+                    rows.append({"label": name, "query": qid, "support": sid, "dice": d})
+            else:
+                for si, (sid, svol, slab) in enumerate(loaded):
+                    r = _volume_case(seg, svol, slab, qvol, qlab, value, wrong, cfg.annotation, rng)
+                    if r is not None:
+                        rows.append({"label": name, "query": qid, "support": sid, "same_patient": si == qi, **r})
+    per_label = {}
+    for n in names:
+        ds = [r["dice"] for r in rows if r["label"] == n and (cfg.protocol == "fewshot" or not r["same_patient"])]
+        if cfg.protocol == "volume":
+            same = [r["dice"] for r in rows if r["label"] == n and r["same_patient"]]
+            per_label[f"{n} (same patient)"] = float(np.mean(same)) if same else float("nan")
+            per_label[f"{n} (other patients)"] = float(np.mean(ds)) if ds else float("nan")
+        else:
+            per_label[n] = float(np.mean(ds)) if ds else float("nan")
+    vals = [v for v in per_label.values() if not np.isnan(v)]
+    return EvalResult(float(np.mean(vals)) if vals else float("nan"), per_label, rows,
+                      time.perf_counter() - t0, {**cfg.__dict__, "labels": names, "dataset": str(dataset.root)})
+
+
+def _wrong_value(values: dict[str, int], value: int) -> int:
+    others = [v for v in values.values() if v != value]
+    if not others:
+        raise UsageError("the wrong-reference control needs at least two labels")
+    return others[0]
+
+
+def _extent(lab: np.ndarray, value: int) -> np.ndarray:
+    return np.flatnonzero((lab == value).any(axis=(0, 1)))
+
+
+def _fewshot_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng, n_chunks: int = 3):
+    ref_value = wrong if wrong is not None else value
+    s_ks, q_ks = _extent(slab, ref_value), _extent(qlab, value)
+    if len(s_ks) == 0 or len(q_ks) == 0:
+        return None
+    pred = np.zeros(qlab.shape, bool)
+    for part_s, part_q in zip(np.array_split(s_ks, n_chunks), np.array_split(q_ks, n_chunks)):
+        if len(part_q) == 0 or len(part_s) == 0:
+            continue
+        sk = int(part_s[len(part_s) // 2])
+        ref_mask = get_slice(slab, sk) == ref_value
+        if not ref_mask.any():
+            continue
+        ref = seg.reference(svol, sk, ref_mask, kind, rng)
+        gt = np.stack([get_slice(qlab, int(k)) == value for k in part_q])
+        masks = seg.segment([ref], qvol, [int(k) for k in part_q], gt, gate=False)
+        for k, m in zip(part_q, masks):
+            set_slice(pred, int(k), m)
+    sel = q_ks
+    return dice_3d(pred[..., sel], (qlab == value)[..., sel])
+
+
+def _volume_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng):
+    ref_value = wrong if wrong is not None else value
+    areas = (slab == ref_value).sum(axis=(0, 1))
+    if areas.max() == 0:
+        return None
+    sk = int(np.argmax(areas))
+    ref = seg.reference(svol, sk, get_slice(slab, sk) == ref_value, kind, rng)
+    n = qvol.shape[2]
+    gt_all = qlab == value
+    gt = np.stack([get_slice(gt_all, k) for k in range(n)])
+    masks = seg.segment([ref], qvol, list(range(n)), gt, gate=True)
+    pred = np.zeros(qlab.shape, bool)
+    for k in range(n):
+        set_slice(pred, k, masks[k])
+    empty = ~gt.any(axis=(1, 2))
+    fp = float(masks[empty].any(axis=(1, 2)).mean()) if empty.any() else 0.0
+    return {"dice": dice_3d(pred, gt_all), "hd95_mm": hd95(pred, gt_all, qvol.spacing),
+            "empty_slices_with_false_mask": fp, "reference_slice": sk}

