@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 
 from vrpsam_med.io.errors import VolumeError, VolumeWarning
 
@@ -102,21 +105,12 @@ def _has_preamble(path: Path) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _pydicom():
-    import pydicom
-
-    return pydicom
-
-
 def read_header(path: str | Path, *, strict: bool = False):
     """pydicom header of ``path`` (pixel data deferred, not loaded), or ``None`` if not DICOM.
 
     Raises :class:`VolumeError` naming the file when it looks like DICOM (preamble or DICOM
     extension, or ``strict``) but is corrupt or truncated (pixel data cut short included).
     """
-    pydicom = _pydicom()
-    from pydicom.errors import InvalidDicomError
-
     path = Path(path)
     preamble = _has_preamble(path)
     claims_dicom = preamble or strict or path.suffix.lower() in DICOM_EXTENSIONS
@@ -160,8 +154,6 @@ def read_header(path: str | Path, *, strict: bool = False):
 
 
 def _sop_class(ds):
-    from pydicom.uid import UID
-
     uid = str(ds.get("SOPClassUID", "") or "")
     if not uid and getattr(ds, "file_meta", None) is not None:
         uid = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
