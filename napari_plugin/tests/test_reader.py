@@ -210,7 +210,7 @@ def test_sample_data(make_napari_viewer):
     assert len(layers) == 1 and len(viewer.layers) == 1
     layer = layers[0]
     assert layer.data.ndim == 3 and min(layer.data.shape) > 50
-    np.testing.assert_allclose(layer.scale, (2.0, 2.0, 2.0), atol=1e-3)
+    np.testing.assert_allclose(layer.scale, (1.0, 1.0, 1.0), atol=1e-3)  # the 1 mm demo scan
     lo, hi = layer.contrast_limits
     assert lo < hi
     assert Path(layer.metadata["source"]).is_file()
