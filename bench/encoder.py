@@ -22,11 +22,12 @@ import numpy as np
 CONFIGS = {
     # name: (precision, mallopt, threads, channels_last, compile)
     "fp32 glibc-default": ("fp32", False, None, False, False),
+    "fp32 mallopt channels-last": ("fp32", True, None, True, False),
     "fp32 mallopt": ("fp32", True, None, False, False),
     "bf16 glibc-default": ("bf16", False, None, False, False),
-    "bf16 mallopt (default)": ("bf16", True, None, False, False),
+    "bf16 mallopt": ("bf16", True, None, False, False),
     "bf16 mallopt 1 thread": ("bf16", True, 1, False, False),
-    "bf16 mallopt channels-last": ("bf16", True, None, True, False),
+    "bf16 mallopt channels-last (default)": ("bf16", True, None, True, False),
     "bf16 mallopt torch.compile": ("bf16", True, None, False, True),
     "fp32 mallopt onnxruntime": ("onnx", True, None, False, False),
 }
@@ -58,6 +59,7 @@ def _slices(n: int) -> tuple[np.ndarray, list[np.ndarray]]:
 def worker(name: str, repeats: int, n_slices: int) -> dict:
     precision, mallopt, threads, channels_last, compile_ = CONFIGS[name]
     os.environ["VRPSAM_MALLOPT"] = "1" if mallopt else "0"
+    os.environ["VRPSAM_CHANNELS_LAST"] = "1" if channels_last else "0"
     import torch
 
     from vrpsam_med.models.backbones import SliceGeometry, load_backbone
@@ -68,8 +70,6 @@ def worker(name: str, repeats: int, n_slices: int) -> dict:
     slices, boxes = _slices(n_slices)
     x = torch.from_numpy(slices[:1])
     encode = bb.encode
-    if channels_last:
-        bb.image_encoder.to(memory_format=torch.channels_last)
     if compile_:
         bb.image_encoder = torch.compile(bb.image_encoder)
     if precision == "onnx":

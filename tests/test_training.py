@@ -117,7 +117,6 @@ print("RANK", dist.get_rank(), "STEP", row["step"])
 """
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), run=str(tmp_path / "run")))
@@ -131,3 +130,29 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert "RANK 0 STEP 2" in proc.stdout and "RANK 1 STEP 2" in proc.stdout
     state = torch.load(tmp_path / "run" / "last" / "state.pt", weights_only=True)
     assert len(state["sampler"]) == 2  # both ranks' sampler states are saved
+
+
+def test_config_files_validate_and_typos_are_named(tmp_path):
+    from vrpsam_med.errors import UsageError
+    from vrpsam_med.training.config import load_train_config
+
+    root = Path(__file__).resolve().parents[1]
+    for f in sorted((root / "configs" / "train").glob("*.yaml")):
+        cfg = load_train_config(f)
+        assert cfg.datasets and cfg.batch_size >= 1
+    novel = load_train_config(root / "configs" / "train" / "novel_abdominal.yaml")
+    assert "liver" in novel.episodes.exclude
+    over = load_train_config(root / "configs" / "train" / "vrp_default.yaml", {"lr": 5e-4, "episodes.p_negative": 0.2})
+    assert over.lr == 5e-4 and over.episodes.p_negative == 0.2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_sise: 4\n")
+    with pytest.raises(UsageError, match="unknown key 'batch_sise'.*batch_size"):
+        load_train_config(bad)
+    bad.write_text("episodes:\n  p_negativ: 0.1\n")
+    with pytest.raises(UsageError, match="p_negativ"):
+        load_train_config(bad)
+    bad.write_text("batch_size: 0\n")
+    with pytest.raises(UsageError, match="batch_size must be >= 1"):
+        load_train_config(bad)
+    with pytest.raises(UsageError, match="not found"):
+        load_train_config(tmp_path / "missing.yaml")

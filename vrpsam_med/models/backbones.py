@@ -320,5 +320,8 @@ def load_backbone(name: str = "litemedsam", checkpoint: str | Path | None = None
                 model = SAMBackbone(*parts, variant=variant, weights_id=file_sha256(path), precision=precision)
         else:
             raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(BACKBONES)}")
+    if device.type == "cpu" and os.environ.get("VRPSAM_CHANNELS_LAST", "1") != "0":
+        # fastest measured CPU path (docs/benchmarks.md, encoder); same bf16 numerics up to rounding
+        model.image_encoder.to(memory_format=torch.channels_last)
     # TinyViT caches attention biases in .eval(): weights are loaded above, so eval now.
     return model.to(device).eval()
