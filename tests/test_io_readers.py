@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from vrpsam_med.io import (Volume, VolumeError, get_slice, list_dicom_series, load_volume, set_slice,
-                           volume_info)
+from vrpsam_med.io import Volume, VolumeError, get_slice, list_dicom_series, load_volume, set_slice, volume_info
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from vrpsam_med.io import (OutputExistsError, Volume, VolumeError, atomic_write, load_volume, write_dicom_seg,
-                           write_mask_nifti)
+from vrpsam_med.io import (
+    OutputExistsError,
+    Volume,
+    VolumeError,
+    atomic_write,
+    load_volume,
+    write_dicom_seg,
+    write_mask_nifti,
+)
 from vrpsam_med.io.atomic import split_extension
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])

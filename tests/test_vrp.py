@@ -64,3 +64,16 @@ def test_load_vrp_round_trip_and_errors(backbone, tmp_path):
     save_file({"weight": torch.zeros(3)}, str(bad / "vrp_encoder.safetensors"))
     with pytest.raises(CheckpointError, match="not a VRP encoder"):
         load_vrp(backbone, bad)
+
+
+def test_reference_state_reuse_equals_full_forward(backbone):
+    torch.manual_seed(0)
+    model = VRPSAM(backbone, VRPEncoder(num_queries=8)).eval()
+    refs = torch.randn(2, 256, 64, 64)
+    masks = (torch.rand(2, 1, 256, 256) > 0.5).float()
+    tgt = torch.randn(3, 256, 64, 64)
+    with torch.no_grad():
+        full = model(refs[None].expand(3, -1, -1, -1, -1), masks[None].expand(3, -1, -1, -1, -1), tgt)
+        reused = model.predict_with_state(model.reference_state(refs, masks), tgt)
+    for a, b in zip(full, reused):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -159,8 +159,8 @@ def cmd_boxseg(args) -> int:
     from vrpsam_med.engine.box import box_segment
     from vrpsam_med.io import load_volume
     from vrpsam_med.io.intensity import intensity_range, to_unit_range
-    from vrpsam_med.io.volume import get_slice
     from vrpsam_med.io.outputs import write_mask, write_overlay
+    from vrpsam_med.io.volume import get_slice
 
     box = _parse_box(args.box)
     volume = load_volume(args.path, series_uid=args.series)
@@ -205,8 +205,9 @@ def _scans(paths: list[Path], split: str | None):
 
 
 def cmd_embed(args) -> int:
-    from vrpsam_med.errors import UsageError
     from tqdm.auto import tqdm
+
+    from vrpsam_med.errors import UsageError
 
     cache = _cache(args)
     if cache.root is None:

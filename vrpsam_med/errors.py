@@ -5,7 +5,6 @@ from vrpsam_med.models.backbones import CheckpointError
 from vrpsam_med.prompts import AnnotationError
 
 
-
 class UsageError(ValueError):
     """A request that cannot be carried out as asked (bad option combination, missing model...)."""
 

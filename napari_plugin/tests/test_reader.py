@@ -134,9 +134,9 @@ def test_corrupt_dicom_folder_gives_clear_error(tmp_path):
 
 def test_layer_data_follows_get_slice_convention():
     """Layer plane k is exactly vrpsam_med.io.volume.get_slice(array, k, 'axial')."""
-    from vrpsam_med.io.volume import Volume, get_slice
-
     from napari_vrpsam_med import volume_to_layer_data
+
+    from vrpsam_med.io.volume import Volume, get_slice
 
     arr = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
     vol = Volume(array=arr, affine=np.diag([-0.5, -0.7, 2.5, 1.0]), modality="MR", source=Path("/x/v.nii.gz"))
@@ -161,6 +161,7 @@ def test_layer_data_follows_get_slice_convention():
 @needs_viewer
 def test_open_dicom_series(make_napari_viewer):
     from napari.layers import Image
+
     from vrpsam_med.io.intensity import intensity_range
     from vrpsam_med.io.volume import get_slice
 

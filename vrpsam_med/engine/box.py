@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-
 from vrpsam_med.io.volume import Volume, axis_index, set_slice, slice_shape
 from vrpsam_med.models.backbones import SliceGeometry
 from vrpsam_med.models.cache import EmbeddingCache

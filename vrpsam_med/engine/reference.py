@@ -63,14 +63,14 @@ class ReferencePredictor:
         h, w = slice_shape(volume.shape, ax)
         geom = SliceGeometry(h, w, self.cache.backbone.image_size)
         device = self.cache.backbone.device
-        ref_e = torch.stack([r.embedding for r in references])[None].to(device)  # (1, k, C, 64, 64)
-        ref_m = torch.stack([r.mask for r in references])[None].to(device)  # (1, k, 1, 256, 256)
+        ref_e = torch.stack([r.embedding for r in references]).to(device)  # (k, C, 64, 64)
+        ref_m = torch.stack([r.mask for r in references]).to(device)  # (k, 1, 256, 256)
+        state = self.model.reference_state(ref_e, ref_m)  # once per call, reused for every target
         masks, pres, ious = [], [], []
         for start in range(0, len(indices), self.batch_size):
             chunk = list(indices[start:start + self.batch_size])
             tgt = self.cache.get(volume, chunk, ax, preset).to(device)
-            n = len(chunk)
-            logits, iou, presence = self.model(ref_e.expand(n, -1, -1, -1, -1), ref_m.expand(n, -1, -1, -1, -1), tgt)
+            logits, iou, presence = self.model.predict_with_state(state, tgt)
             p = torch.sigmoid(presence.float())
             m = geom.logits_to_slice(logits.float()) > 0
             m &= (p >= self.presence_threshold)[:, None, None]

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from vrpsam_med.errors import UsageError
 from vrpsam_med.engine.reference import Reference, ReferencePredictor
+from vrpsam_med.errors import UsageError
 from vrpsam_med.evaluation.metrics import dice_3d, hd95
 from vrpsam_med.io.msd import MSDDataset
 from vrpsam_med.io.volume import Volume, get_slice, set_slice, slice_shape
@@ -127,7 +128,7 @@ class _Segmenters:
 
 
 def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
-             predictor: ReferencePredictor | None = None) -> EvalResult:
+             predictor: ReferencePredictor | None = None, progress: bool = True) -> EvalResult:
     if cfg.protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {cfg.protocol!r}; use {', '.join(PROTOCOLS)}")
     if cfg.method not in METHODS:
@@ -144,10 +145,12 @@ def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
     loaded = [(c.case_id, *dataset.load(c)) for c in cases]
     seg = _Segmenters(cfg.method, cache, predictor)
     rows: list[dict] = []
+    bar = tqdm(total=len(names) * len(loaded), desc=f"{cfg.protocol}/{cfg.method}", unit="case", disable=not progress)
     for name in names:
         value = values[name]
         wrong = _wrong_value(values, value) if cfg.wrong_reference else None
         for qi, (qid, qvol, qlab) in enumerate(loaded):
+            bar.update(1)
             if not (qlab == value).any():
                 continue
             if cfg.protocol == "fewshot":
@@ -161,6 +164,7 @@ def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
                     r = _volume_case(seg, svol, slab, qvol, qlab, value, wrong, cfg.annotation, rng)
                     if r is not None:
                         rows.append({"label": name, "query": qid, "support": sid, "same_patient": si == qi, **r})
+    bar.close()
     per_label = {}
     for n in names:
         ds = [r["dice"] for r in rows if r["label"] == n and (cfg.protocol == "fewshot" or not r["same_patient"])]

@@ -34,8 +34,7 @@ from monai.data.image_reader import ImageReader
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 from monai.utils import MetaKeys, SpaceKeys
 
-from vrpsam_med.io.dicom import (CheckedSeries, check_series, read_header, select_series, series_key,
-                                 series_metadata)
+from vrpsam_med.io.dicom import CheckedSeries, check_series, read_header, select_series, series_key, series_metadata
 from vrpsam_med.io.errors import VolumeError, VolumeWarning, one_line
 from vrpsam_med.io.volume import Volume
 

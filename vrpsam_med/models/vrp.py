@@ -18,6 +18,7 @@ k-shot: the queries of k references are concatenated along the token axis (B, k*
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,28 +36,61 @@ def masked_average(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (features * mask).sum(dim=(2, 3)) / w
 
 
-def cosine_prior(target: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
-                 samples: int = FG_SAMPLES) -> torch.Tensor:
-    """Max cosine similarity of each target pixel to reference foreground pixels.
+def reference_pixels(reference: torch.Tensor, mask: torch.Tensor, samples: int = FG_SAMPLES
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm features of up to ``samples`` reference foreground pixels.
 
-    Args: target, reference (B, C, H, W); mask (B, 1, H, W). Returns (B, 1, H, W) in [0, 1]
-    (min-max normalised per image; zeros where the reference mask is empty).
+    Args: reference (B, C, H, W); mask (B, 1, H, W). Returns pixels (B, C, k) and valid (B, k) bool.
+    The top-``samples`` mask weights pick the pixels deterministically (ties: by index).
     """
-    b, c, h, w = target.shape
-    t = F.normalize(target.flatten(2), dim=1)  # (B, C, HW)
-    r = F.normalize(reference.flatten(2), dim=1)
+    c = reference.shape[1]
+    r = F.normalize(reference.flatten(2), dim=1)  # (B, C, HW)
     m = mask.flatten(2)[:, 0]  # (B, HW)
-    # top-`samples` mask weights pick foreground pixels deterministically (ties: by index)
-    k = min(samples, m.shape[1])
-    weight, idx = m.topk(k, dim=1)  # (B, k)
-    fg = torch.gather(r, 2, idx[:, None, :].expand(-1, c, -1))  # (B, C, k)
-    sim = torch.einsum("bcn,bck->bnk", t, fg)  # (B, HW, k)
-    sim = sim.masked_fill(weight[:, None, :] <= 0.5, -1.0).amax(dim=2)  # (B, HW)
+    weight, idx = m.topk(min(samples, m.shape[1]), dim=1)
+    return torch.gather(r, 2, idx[:, None, :].expand(-1, c, -1)), weight > 0.5
+
+
+def prior_from_pixels(target: torch.Tensor, pixels: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Max cosine similarity of each target pixel to the reference pixels, min-max normalised.
+
+    Args: target (B, C, H, W); pixels (B, C, k) unit-norm; valid (B, k). Returns (B, 1, H, W) in [0, 1],
+    zeros where no reference pixel is valid.
+    """
+    b, _, h, w = target.shape
+    t = F.normalize(target.flatten(2), dim=1)
+    sim = torch.einsum("bcn,bck->bnk", t, pixels.to(t.dtype))
+    sim = sim.masked_fill(~valid[:, None, :], -1.0).amax(dim=2)  # (B, HW)
     lo = sim.amin(dim=1, keepdim=True)
     hi = sim.amax(dim=1, keepdim=True)
     prior = (sim - lo) / (hi - lo).clamp_min(1e-6)
-    prior = prior * (m.amax(dim=1, keepdim=True) > 0.5)
-    return prior.view(b, 1, h, w)
+    return (prior * valid.any(dim=1, keepdim=True)).view(b, 1, h, w)
+
+
+def cosine_prior(target: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor,
+                 samples: int = FG_SAMPLES) -> torch.Tensor:
+    """VRP-SAM's training-free prior: max cosine similarity of each target pixel to reference foreground.
+
+    Args: target, reference (B, C, H, W); mask (B, 1, H, W). Returns (B, 1, H, W) in [0, 1].
+    """
+    return prior_from_pixels(target, *reference_pixels(reference, mask, samples))
+
+
+@dataclass
+class ReferenceState:
+    """Everything the VRP encoder derives from a reference alone (computed once, reused per target)."""
+
+    queries: torch.Tensor  # (B, K, d) after reference cross-attention and self-attention
+    fg: torch.Tensor  # (B, C) foreground prototype
+    bg: torch.Tensor  # (B, C) background prototype
+    pixels: torch.Tensor  # (B, C, k) unit-norm reference foreground pixels
+    valid: torch.Tensor  # (B, k)
+
+    def repeat(self, n: int) -> ReferenceState:
+        """Batch of B references -> n*B rows ordered (target, reference), for n targets each."""
+        def rep(x: torch.Tensor) -> torch.Tensor:
+            return x[None].expand(n, *x.shape).flatten(0, 1)
+
+        return ReferenceState(*(rep(x) for x in (self.queries, self.fg, self.bg, self.pixels, self.valid)))
 
 
 class _Attention(nn.Module):
@@ -90,6 +124,36 @@ class VRPEncoder(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.presence = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, 1))
 
+    def encode_reference(self, ref_emb: torch.Tensor, ref_mask: torch.Tensor, pos: torch.Tensor) -> ReferenceState:
+        """Reference branch. ref_emb (B, C, 64, 64); ref_mask (B, 1, 64, 64) in [0, 1]; pos (1, 256, 64, 64)."""
+        b, _, h, w = ref_emb.shape
+        fg = masked_average(ref_emb, ref_mask)  # (B, C)
+        bg = masked_average(ref_emb, 1.0 - ref_mask)
+        ref = self.ref_fuse(torch.cat([ref_emb, fg[:, :, None, None].expand(-1, -1, h, w), ref_mask], 1))
+        ref_seq = ref.flatten(2).transpose(1, 2)
+        pos_seq = pos.flatten(2).transpose(1, 2)  # (1, HW, C)
+        q = self.queries[None].expand(b, -1, -1)
+        q = self.cross_ref(q, ref_seq + pos_seq, ref_seq)
+        q = self.self_1(q, q, q)
+        return ReferenceState(q, fg, bg, *reference_pixels(ref_emb, ref_mask))
+
+    def attend_target(self, state: ReferenceState, tgt_emb: torch.Tensor, pos: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target branch: state of B references, tgt_emb (B, C, 64, 64) -> tokens (B, K, 256), presence (B,)."""
+        _, _, h, w = tgt_emb.shape
+        fg_map = state.fg[:, :, None, None].expand(-1, -1, h, w)
+        t_norm = F.normalize(tgt_emb, dim=1)
+        sim_fg = (t_norm * F.normalize(state.fg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
+        sim_bg = (t_norm * F.normalize(state.bg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
+        prior = prior_from_pixels(tgt_emb, state.pixels, state.valid)
+        tgt = self.tgt_fuse(torch.cat([tgt_emb, fg_map, prior.to(tgt_emb.dtype), sim_fg, sim_bg], 1))
+        tgt_seq = tgt.flatten(2).transpose(1, 2)
+        pos_seq = pos.flatten(2).transpose(1, 2)
+        q = self.cross_tgt(state.queries, tgt_seq + pos_seq, tgt_seq)
+        q = self.self_2(q, q, q)
+        q = self.mlp_norm(q + self.mlp(q))
+        return self.out(q), self.presence(q.mean(1))[:, 0]
+
     def forward(self, ref_emb: torch.Tensor, ref_mask: torch.Tensor, tgt_emb: torch.Tensor,
                 pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One reference per target.
@@ -101,27 +165,7 @@ class VRPEncoder(nn.Module):
         Returns:
             tokens (B, K, 256) and presence logits (B,).
         """
-        b = ref_emb.shape[0]
-        hw = ref_emb.shape[-2:]
-        fg = masked_average(ref_emb, ref_mask)  # (B, C)
-        bg = masked_average(ref_emb, 1.0 - ref_mask)
-        fg_map = fg[:, :, None, None].expand(-1, -1, *hw)
-        ref = self.ref_fuse(torch.cat([ref_emb, fg_map, ref_mask], 1))
-        t_norm = F.normalize(tgt_emb, dim=1)
-        sim_fg = (t_norm * F.normalize(fg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
-        sim_bg = (t_norm * F.normalize(bg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
-        prior = cosine_prior(tgt_emb, ref_emb, ref_mask)
-        tgt = self.tgt_fuse(torch.cat([tgt_emb, fg_map, prior, sim_fg, sim_bg], 1))
-        pos_seq = pos.flatten(2).transpose(1, 2)  # (1, HW, C)
-        ref_seq = ref.flatten(2).transpose(1, 2)
-        tgt_seq = tgt.flatten(2).transpose(1, 2)
-        q = self.queries[None].expand(b, -1, -1)
-        q = self.cross_ref(q, ref_seq + pos_seq, ref_seq)
-        q = self.self_1(q, q, q)
-        q = self.cross_tgt(q, tgt_seq + pos_seq, tgt_seq)
-        q = self.self_2(q, q, q)
-        q = self.mlp_norm(q + self.mlp(q))
-        return self.out(q), self.presence(q.mean(1))[:, 0]
+        return self.attend_target(self.encode_reference(ref_emb, ref_mask, pos), tgt_emb, pos)
 
 
 def mask_to_embedding_grid(mask: torch.Tensor) -> torch.Tensor:
@@ -141,6 +185,20 @@ class VRPSAM(nn.Module):
         self.backbone = backbone
         self.encoder = encoder or VRPEncoder()
         self.backbone.requires_grad_(False)
+
+    def reference_state(self, ref_embs: torch.Tensor, ref_masks: torch.Tensor) -> ReferenceState:
+        """k references (k, C, 64, 64) + model-space masks (k, 1, 256, 256) -> their reusable state."""
+        grid = mask_to_embedding_grid(ref_masks)
+        return self.encoder.encode_reference(ref_embs, grid, self.backbone.prompt_encoder.get_dense_pe())
+
+    def predict_with_state(self, state: ReferenceState, tgt_emb: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Targets (n, C, 64, 64) with a state of k references -> logits (n, 1, 256, 256), IoU (n,), presence (n,)."""
+        n, k = tgt_emb.shape[0], state.queries.shape[0]
+        tgt = tgt_emb[:, None].expand(-1, k, -1, -1, -1).flatten(0, 1)
+        tokens, presence = self.encoder.attend_target(state.repeat(n), tgt, self.backbone.prompt_encoder.get_dense_pe())
+        logits, iou = self.backbone.decode(tgt_emb, tokens.reshape(n, k * tokens.shape[1], -1))
+        return logits, iou[:, 0], presence.view(n, k).mean(1)
 
     def prompts(self, ref_embs: torch.Tensor, ref_masks: torch.Tensor, tgt_emb: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

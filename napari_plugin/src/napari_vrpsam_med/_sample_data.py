@@ -25,9 +25,8 @@ def _sample_dir() -> Path:
 def make_sample_data() -> list[LayerData]:
     """npe2 sample-data hook: the sample scan as one Image layer."""
     _import_triton_isolated()  # see _reader: napari's GL context + late triton import segfaults
-    from vrpsam_med.io import load_volume
-
     from vrpsam_med.demo import demo_scan
+    from vrpsam_med.io import load_volume
 
     path = demo_scan(_sample_dir())
     volume = load_volume(path)
