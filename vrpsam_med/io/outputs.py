@@ -36,12 +36,13 @@ def write_overlay(image01: np.ndarray, labels: np.ndarray, out: str | Path, box:
 def write_json(data: dict, out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     with atomic_write(out, overwrite=overwrite) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2, default=_jsonable))
+        Path(tmp).write_text(json.dumps(data, indent=2, default=jsonable))
     return out
 
 
-def _jsonable(o):
-    if isinstance(o, (np.integer, np.floating)):
+def jsonable(o):
+    """``json.dumps(default=...)`` hook: numpy scalars/arrays and paths -> plain JSON values."""
+    if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()

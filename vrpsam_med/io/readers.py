@@ -458,11 +458,11 @@ def volume_info(volume: Volume) -> dict[str, Any]:
 
 
 def _jsonable(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
+    from vrpsam_med.io.outputs import jsonable
+
+    try:
+        return jsonable(o)
+    except TypeError:
+        return str(o)  # volume_info is descriptive: show anything else as text
     return str(o)
 
