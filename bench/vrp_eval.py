@@ -33,13 +33,14 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--runs", default="fewshot:vrp:mask,fewshot:vrp:box,fewshot:vrp:scribble,fewshot:vrp:point,"
                                       "fewshot:vrp:mask:wrong,fewshot:prototype:mask,fewshot:gt_box:mask,"
-                                      "volume:vrp:mask,volume:gt_box:mask")
+                                      "fewshot:registration:mask,volume:vrp:mask,volume:gt_box:mask")
     ap.add_argument("--max-cases", type=int, default=None, help="limit test cases per set (volume protocol is O(n^2))")
     ap.add_argument("--volume-max-cases", type=int, default=4)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     cache = EmbeddingCache(load_backbone(), progress=False)
-    predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache)
+    needs_model = any(":vrp:" in r for r in args.runs.split(","))
+    predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache) if needs_model else None
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.sets.split(","):
         ds = MSDDataset.open(DATA / name)
@@ -49,6 +50,8 @@ def main() -> None:
             if key in results:
                 continue
             n = args.volume_max_cases if protocol == "volume" else args.max_cases
+            if name == "acdc_cine_mr":  # 40 test volumes: a subset keeps the run short
+                n = min(n or 10, 10)
             cfg = EvalConfig(protocol=protocol, annotation=kind, labels=SETS[name], method=method, max_cases=n,
                              wrong_reference=bool(flag))
             t = time.perf_counter()

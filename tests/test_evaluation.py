@@ -66,6 +66,14 @@ def test_gt_box_upper_bound_is_high_and_protocol_shapes_hold(tmp_path, cache, pr
         assert all("hd95_mm" in r and "empty_slices_with_false_mask" in r for r in res.per_case)
 
 
+def test_registration_baseline_propagates_the_atlas_label(tmp_path, cache):
+    ds = MSDDataset.open(make_msd(tmp_path / "d"))
+    res = evaluate(ds, EvalConfig(protocol="fewshot", method="registration", labels=["ball"]), cache)
+    assert res.mean_dice > 0.8, res.per_label
+    vol = evaluate(ds, EvalConfig(protocol="volume", method="registration", labels=["box"]), cache)
+    assert not any(r["same_patient"] for r in vol.per_case) and len(vol.per_case) == 6
+
+
 def test_evaluate_cli_writes_the_json_contract(tmp_path):
     root = make_msd(tmp_path / "d")
     out = tmp_path / "res.json"
@@ -82,3 +90,10 @@ def test_evaluate_refuses_unknown_label_and_missing_model(tmp_path):
     assert main(["evaluate", "--dataset", str(root), "--labels", "liver", "--method", "gt_box",
                  "--cache-dir", "none"]) == 2
     assert main(["evaluate", "--dataset", str(root), "--model", str(tmp_path / "nope"), "--cache-dir", "none"]) == 2
+
+
+def test_patient_id_keeps_frames_of_one_patient_together():
+    from vrpsam_med.evaluation.protocols import patient_id
+
+    assert patient_id("patient001_frame01") == patient_id("patient001_frame02") == "patient001"
+    assert patient_id("chaos_01") == "chaos_01" and patient_id("btcv_13") != patient_id("btcv_14")

@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["fewshot", "volume"], default="fewshot")
     p.add_argument("--annotation", choices=["mask", "box", "scribble", "point"], default="mask")
     p.add_argument("--labels", default=None, help="comma-separated structure names (default: all)")
-    p.add_argument("--method", choices=["vrp", "gt_box", "prototype"], default="vrp")
+    p.add_argument("--method", choices=["vrp", "gt_box", "prototype", "registration"], default="vrp",
+                   help="vrp (the model) or a baseline: gt_box (upper bound), prototype (training-free), "
+                        "registration (SimpleITK affine atlas)")
     p.add_argument("--model", type=Path, default=None, help="trained model folder or RUN_DIR (default: shipped)")
     p.add_argument("--wrong-reference", action="store_true",
                    help="control: prompt with a different structure's reference")

@@ -9,10 +9,14 @@
   the whole volume, empty slices included, plus the share of empty slices given a false mask.
 
 Methods: ``vrp`` (the model), ``gt_box`` (ground-truth box per slice: upper bound), ``prototype``
-(training-free: cosine similarity to the reference prototype -> box -> SAM).
+(training-free: cosine similarity to the reference prototype -> box -> SAM), ``registration`` (the classic
+atlas method: affine SimpleITK registration of the support volume to the query, its *whole* label of
+the structure warped onto the query; more supervision than one slice, so it is a reference point,
+not a 1-shot method; in the volume protocol it is run for other patients only).
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,7 +35,7 @@ from vrpsam_med.models.backbones import SliceGeometry
 from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.prompts import mask_box, simulate
 
-METHODS = ("vrp", "gt_box", "prototype")
+METHODS = ("vrp", "gt_box", "prototype", "registration")
 PROTOCOLS = ("fewshot", "volume")
 
 
@@ -71,6 +75,16 @@ class _Segmenters:
 
     def __init__(self, method: str, cache: EmbeddingCache, predictor: ReferencePredictor | None) -> None:
         self.method, self.cache, self.predictor = method, cache, predictor
+        self._transforms: dict[tuple[str, str], object] = {}
+
+    def atlas(self, svol: Volume, slab: np.ndarray, qvol: Volume, value: int) -> np.ndarray:
+        """Registration baseline: the support's label of ``value`` warped onto the query grid (bool)."""
+        from vrpsam_med.evaluation.registration import propagate_labels, register
+
+        key = (svol.digest(), qvol.digest())
+        if key not in self._transforms:
+            self._transforms[key] = register(qvol, svol)
+        return propagate_labels(qvol, svol, (slab == value).astype(np.int16), self._transforms[key]) > 0
 
     def reference(self, volume: Volume, k: int, mask2d: np.ndarray, kind: str, rng) -> Reference:
         ann = simulate(mask2d, kind, rng)
@@ -154,13 +168,19 @@ def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
             if not (qlab == value).any():
                 continue
             if cfg.protocol == "fewshot":
-                si = (qi + 1) % len(loaded)
-                sid, svol, slab = loaded[si]
+                # the next case in the split that belongs to another patient (the support rotates)
+                order = [(qi + j) % len(loaded) for j in range(1, len(loaded))]
+                others = [i for i in order if patient_id(loaded[i][0]) != patient_id(qid)]
+                if not others:
+                    continue
+                sid, svol, slab = loaded[others[0]]
                 d = _fewshot_case(seg, svol, slab, qvol, qlab, value, wrong, cfg.annotation, rng)
                 if d is not None:
                     rows.append({"label": name, "query": qid, "support": sid, "dice": d})
             else:
                 for si, (sid, svol, slab) in enumerate(loaded):
+                    if si != qi and patient_id(sid) == patient_id(qid):
+                        continue  # another frame of the same patient: neither "same volume" nor "other patient"
                     r = _volume_case(seg, svol, slab, qvol, qlab, value, wrong, cfg.annotation, rng)
                     if r is not None:
                         rows.append({"label": name, "query": qid, "support": sid, "same_patient": si == qi, **r})
@@ -179,6 +199,11 @@ def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
                       time.perf_counter() - t0, {**cfg.__dict__, "labels": names, "dataset": str(dataset.root)})
 
 
+def patient_id(case_id: str) -> str:
+    """Patient of a case: ACDC-style ``patient001_frame01`` -> ``patient001``; otherwise the case id."""
+    return re.sub(r"_(frame|time|tp)\d+$", "", case_id)
+
+
 def _wrong_value(values: dict[str, int], value: int) -> int:
     others = [v for v in values.values() if v != value]
     if not others:
@@ -195,6 +220,9 @@ def _fewshot_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng, n_chunks
     s_ks, q_ks = _extent(slab, ref_value), _extent(qlab, value)
     if len(s_ks) == 0 or len(q_ks) == 0:
         return None
+    if seg.method == "registration":
+        pred = seg.atlas(svol, slab, qvol, ref_value)
+        return dice_3d(pred[..., q_ks], (qlab == value)[..., q_ks])
     pred = np.zeros(qlab.shape, bool)
     for part_s, part_q in zip(np.array_split(s_ks, n_chunks), np.array_split(q_ks, n_chunks)):
         if len(part_q) == 0 or len(part_s) == 0:
@@ -215,17 +243,21 @@ def _fewshot_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng, n_chunks
 def _volume_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng):
     ref_value = wrong if wrong is not None else value
     areas = (slab == ref_value).sum(axis=(0, 1))
-    if areas.max() == 0:
+    if areas.max() == 0 or (seg.method == "registration" and svol is qvol):
         return None
     sk = int(np.argmax(areas))
-    ref = seg.reference(svol, sk, get_slice(slab, sk) == ref_value, kind, rng)
+    ref = None if seg.method == "registration" else seg.reference(svol, sk, get_slice(slab, sk) == ref_value, kind, rng)
     n = qvol.shape[2]
     gt_all = qlab == value
     gt = np.stack([get_slice(gt_all, k) for k in range(n)])
-    masks = seg.segment([ref], qvol, list(range(n)), gt, gate=True)
-    pred = np.zeros(qlab.shape, bool)
-    for k in range(n):
-        set_slice(pred, k, masks[k])
+    if seg.method == "registration":
+        pred = seg.atlas(svol, slab, qvol, ref_value)
+        masks = np.stack([get_slice(pred, k) for k in range(n)])
+    else:
+        masks = seg.segment([ref], qvol, list(range(n)), gt, gate=True)
+        pred = np.zeros(qlab.shape, bool)
+        for k in range(n):
+            set_slice(pred, k, masks[k])
     empty = ~gt.any(axis=(1, 2))
     fp = float(masks[empty].any(axis=(1, 2)).mean()) if empty.any() else 0.0
     return {"dice": dice_3d(pred, gt_all), "hd95_mm": hd95(pred, gt_all, qvol.spacing),
