@@ -35,6 +35,18 @@ class SlicePrediction:
     iou: np.ndarray  # (N,) SAM's IoU estimate
 
 
+def make_reference(cache: EmbeddingCache, volume: Volume, index: int, annotation: Annotation,
+                   axis: str | int = "axial", preset: str | None = None) -> Reference:
+    """Embed the reference slice (cached) and rasterise its annotation into the 256-px model space."""
+    ax = axis_index(axis)
+    h, w = slice_shape(volume.shape, ax)
+    mask = annotation.to_mask((h, w))
+    geom = SliceGeometry(h, w, cache.backbone.image_size)
+    emb = cache.get(volume, [index], ax, preset)[0]
+    m = geom.mask_to_model(torch.from_numpy(mask)[None])[0]
+    return Reference(emb, (m > 0.5).float(), annotation.kind, f"{volume.name}:{ax}:{index}")
+
+
 class ReferencePredictor:
     """Segment target slices from k references with a trained :class:`VRPSAM`."""
 
@@ -47,13 +59,7 @@ class ReferencePredictor:
 
     def reference(self, volume: Volume, index: int, annotation: Annotation, axis: str | int = "axial",
                   preset: str | None = None) -> Reference:
-        ax = axis_index(axis)
-        h, w = slice_shape(volume.shape, ax)
-        mask = annotation.to_mask((h, w))
-        geom = SliceGeometry(h, w, self.cache.backbone.image_size)
-        emb = self.cache.get(volume, [index], ax, preset)[0]
-        m = geom.mask_to_model(torch.from_numpy(mask)[None])[0]
-        return Reference(emb, (m > 0.5).float(), annotation.kind, f"{volume.name}:{ax}:{index}")
+        return make_reference(self.cache, volume, index, annotation, axis, preset)
 
     @torch.inference_mode()
     def predict(self, references: Sequence[Reference], volume: Volume, indices: Sequence[int],

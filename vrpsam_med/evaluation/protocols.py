@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from vrpsam_med.engine.reference import Reference, ReferencePredictor
+from vrpsam_med.engine.reference import Reference, ReferencePredictor, make_reference
 from vrpsam_med.errors import UsageError
 from vrpsam_med.evaluation.metrics import dice_3d, hd95
 from vrpsam_med.io.msd import MSDDataset
@@ -87,14 +87,7 @@ class _Segmenters:
         return propagate_labels(qvol, svol, (slab == value).astype(np.int16), self._transforms[key]) > 0
 
     def reference(self, volume: Volume, k: int, mask2d: np.ndarray, kind: str, rng) -> Reference:
-        ann = simulate(mask2d, kind, rng)
-        if self.predictor is not None:
-            return self.predictor.reference(volume, k, ann)
-        h, w = mask2d.shape
-        geom = SliceGeometry(h, w, self.cache.backbone.image_size)
-        emb = self.cache.get(volume, [k])[0]
-        m = geom.mask_to_model(torch.from_numpy(ann.to_mask((h, w)))[None])[0]
-        return Reference(emb, (m > 0.5).float(), kind, f"{volume.name}:{k}")
+        return make_reference(self.cache, volume, k, simulate(mask2d, kind, rng))
 
     def segment(self, refs: list[Reference], volume: Volume, indices: Sequence[int], gt: np.ndarray,
                 gate: bool) -> np.ndarray:
