@@ -71,12 +71,17 @@ class ReferencePredictor:
         device = self.cache.backbone.device
         ref_e = torch.stack([r.embedding for r in references]).to(device)  # (k, C, 64, 64)
         ref_m = torch.stack([r.mask for r in references]).to(device)  # (k, 1, 256, 256)
-        state = self.model.reference_state(ref_e, ref_m)  # once per call, reused for every target
+        # same precision policy as the encoder (bf16 autocast by default; the model was trained so)
+        dtype = self.cache.backbone._autocast_dtype()
+        autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        with autocast:
+            state = self.model.reference_state(ref_e, ref_m)  # once per call, reused for every target
         masks, pres, ious = [], [], []
         for start in range(0, len(indices), self.batch_size):
             chunk = list(indices[start:start + self.batch_size])
             tgt = self.cache.get(volume, chunk, ax, preset).to(device)
-            logits, iou, presence = self.model.predict_with_state(state, tgt)
+            with autocast:
+                logits, iou, presence = self.model.predict_with_state(state, tgt)
             p = torch.sigmoid(presence.float())
             m = geom.logits_to_slice(logits.float()) > 0
             m &= (p >= self.presence_threshold)[:, None, None]
