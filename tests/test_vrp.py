@@ -77,3 +77,11 @@ def test_reference_state_reuse_equals_full_forward(backbone):
         reused = model.predict_with_state(model.reference_state(refs, masks), tgt)
     for a, b in zip(full, reused):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_shipped_default_model_loads_with_its_card(backbone):
+    model = load_vrp(backbone)  # no path: the model inside the package
+    card = model.card
+    assert card["step"] > 0 and card["git_revision"] and card["command"].count("train")
+    assert card["config"]["datasets"] and card["trainable_parameters"] == sum(
+        p.numel() for p in model.encoder.parameters())
