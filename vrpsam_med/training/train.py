@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vrpsam_med.models.vrp import VRPSAM, VRPEncoder
+from vrpsam_med.models.vrp import VRPSAM, VRPEncoder, mask_to_embedding_grid
 from vrpsam_med.training.episodes import Batch, EpisodeConfig, EpisodeSampler
 
 log = logging.getLogger(__name__)
@@ -128,8 +128,6 @@ def train(cfg: TrainConfig, records, backbone, run_dir: Path, command: str = "")
             batch.ref_emb, batch.ref_mask, batch.tgt_emb, batch.tgt_mask, batch.present, batch.kinds)))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             pos = backbone.prompt_encoder.get_dense_pe()
-            from vrpsam_med.models.vrp import mask_to_embedding_grid
-
             tokens, presence = encoder(b.ref_emb[:, 0], mask_to_embedding_grid(b.ref_mask[:, 0]), b.tgt_emb, pos)
             logits, _ = backbone.decode(b.tgt_emb, tokens)
         loss, metrics = losses(logits, presence, b, cfg.presence_weight)
