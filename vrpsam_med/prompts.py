@@ -129,16 +129,6 @@ class Annotation:
         ys, xs = np.nonzero(m)
         return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float64)
 
-    def to_json(self) -> dict:
-        d: dict = {"kind": self.kind}
-        if self.kind == "point":
-            d.update(points=self.points.tolist(), labels=self.point_labels.tolist())
-        elif self.kind == "box":
-            d["box"] = self.box.tolist()
-        elif self.kind == "scribble" and self.mask is None:
-            d["scribbles"] = [p.tolist() for p in self.scribbles]
-        return d
-
 
 def _disc(radius: int) -> np.ndarray:
     r = max(int(radius), 0)

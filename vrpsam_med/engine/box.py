@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vrpsam_med.io.volume import Volume, axis_index, set_slice, slice_shape
+from vrpsam_med.io.volume import Volume, axis_index, get_slice, set_slice, slice_shape
 from vrpsam_med.models.backbones import SliceGeometry
 from vrpsam_med.models.cache import EmbeddingCache
-from vrpsam_med.prompts import Annotation
+from vrpsam_med.prompts import Annotation, mask_box
 
 
 @dataclass
@@ -45,9 +45,6 @@ def box_segment(volume: Volume, boxes: Mapping[int, np.ndarray], cache: Embeddin
 
 def boxes_from_labels(labels: np.ndarray, value: int, axis: str | int = "axial") -> dict[int, np.ndarray]:
     """Tight box per slice of ``labels == value`` (ground-truth boxes for the upper-bound benchmark)."""
-    from vrpsam_med.io.volume import get_slice
-    from vrpsam_med.prompts import mask_box
-
     ax = axis_index(axis)
     present = np.flatnonzero((labels == value).any(axis=tuple(i for i in range(3) if i != ax)))
     return {int(k): mask_box(get_slice(labels, int(k), ax) == value) for k in present}

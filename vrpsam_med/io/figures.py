@@ -1,4 +1,4 @@
-"""QC pictures a person can look at: mask overlays on slices, and montages of several slices."""
+"""QC pictures a person can look at: mask overlays on slices."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,25 +36,6 @@ def overlay_rgb(image01: np.ndarray, labels: np.ndarray, alpha: float = 0.45,
     if box is not None:
         ImageDraw.Draw(out).rectangle([float(v) for v in box], outline=(255, 255, 0), width=1)
     return np.asarray(out)
-
-
-def montage(tiles: Sequence[np.ndarray], captions: Sequence[str] | None = None, columns: int = 4,
-            tile_size: int = 256) -> np.ndarray:
-    """Arrange (H, W, 3) uint8 tiles in a grid, each scaled to ``tile_size`` and captioned."""
-    if not tiles:
-        raise ValueError("montage needs at least one tile")
-    columns = max(1, min(columns, len(tiles)))
-    rows = (len(tiles) + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * tile_size, rows * tile_size), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for n, tile in enumerate(tiles):
-        im = Image.fromarray(tile)
-        im.thumbnail((tile_size, tile_size), Image.Resampling.LANCZOS)
-        x, y = (n % columns) * tile_size, (n // columns) * tile_size
-        canvas.paste(im, (x + (tile_size - im.width) // 2, y + (tile_size - im.height) // 2))
-        if captions is not None:
-            draw.text((x + 4, y + 4), captions[n], fill=(255, 255, 255))
-    return np.asarray(canvas)
 
 
 def save_png(rgb: np.ndarray, out: str | Path, upscale_to: int = 512) -> None:
