@@ -1,0 +1,435 @@
+"""The Segmenter: annotated reference slices -> label volumes, within a scan and across patients.
+
+This is the one engine the CLI, the napari plugin and the benchmarks call.
+
+Coordinates: volumes are canonical LPS arrays (:class:`~vrpsam_med.io.volume.Volume`); slice ``k``
+along ``axis`` is ``get_slice(array, k, axis)`` (display orientation, ``x`` = column), and every
+annotation is in pixels of that displayed slice.
+
+How a structure is found in a volume:
+
+1. **Seed.** In the reference's own volume the reference slice is the seed, its mask the annotation
+   itself (mask), SAM's box segmentation (box), or the VRP prediction refined by a box pass
+   (point, scribble). In any other volume the structure is *localised*: VRP-SAM is run on every
+   ``scan_stride``-th slice, then on the neighbours of the best hit; the most confident slice seeds.
+2. **Propagation.** From each seed outward in both directions, slice by slice: the neighbour's mask
+   gives a box prompt (LiteMedSAM's strongest prompt), the reference gives VRP tokens; the slice is
+   "present" while the box mask agrees with the reference (VRP presence / overlap). Propagation stops
+   after ``stop_after_absent`` absent slices, so cost follows the structure's extent.
+3. **Clean-up** (optional): keep the 3D connected component(s) touching the seeds, close small gaps
+   between slices.
+
+Each slice is encoded at most once per Segmenter (embedding cache), for all structures together.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from vrpsam_med.engine.reference import Reference, make_reference
+from vrpsam_med.io.volume import Volume, axis_index, get_slice, set_slice, slice_shape
+from vrpsam_med.models.backbones import SliceGeometry
+from vrpsam_med.models.cache import EmbeddingCache
+from vrpsam_med.models.vrp import VRPSAM
+from vrpsam_med.prompts import Annotation, AnnotationError, mask_box
+
+Progress = Callable[[int, int, str], None]  # (done, total, message)
+
+
+class SegmenterError(ValueError):
+    """Bad use of the Segmenter (no reference, unknown structure, slice out of range)."""
+
+
+@dataclass
+class SegmenterConfig:
+    """Knobs of the volume engine (defaults tuned on the ``train`` splits; see docs/benchmarks.md)."""
+
+    presence_threshold: float = 0.5  # VRP presence probability that counts a slice as containing the structure
+    agreement_threshold: float = 0.2  # Dice(box mask, VRP mask) above which a slice counts as present anyway
+    min_area_ratio: float = 0.05  # a propagated mask below this share of its neighbour's area ends the structure
+    stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
+    box_margin: float = 0.1  # the neighbour's box grows by this share of its size (at least 2 px) per side
+    scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
+    refine_reference: bool = True  # point/scribble/box references: use the segmented reference slice as a mask
+    cleanup: bool = True  # 3D connected components touching the seeds + closing of small gaps between slices
+    batch_size: int = 8
+
+
+@dataclass
+class StructureResult:
+    """What the engine found for one structure in one volume."""
+
+    name: str
+    value: int
+    confidence: np.ndarray  # (n_slices,) float; NaN where the slice was never looked at
+    present: np.ndarray  # (n_slices,) bool: slices labelled with this structure
+    seeds: list[int]
+    visited: int  # slices looked at for this structure
+    volume_ml: float = 0.0
+
+    def uncertain_slices(self, n: int = 8) -> list[int]:
+        """Present slices with the lowest confidence first (review order)."""
+        idx = np.flatnonzero(self.present)
+        return [int(i) for i in idx[np.argsort(self.confidence[idx])][:n]]
+
+
+@dataclass
+class SegmentationResult:
+    """Label volume (canonical order, one value per structure) + per-structure, per-slice details."""
+
+    labels: np.ndarray  # (X, Y, Z) uint8 (uint16 above 255 structures)
+    axis: int
+    structures: dict[str, StructureResult]
+    encoded: int  # slices sent through the image encoder during this call
+    seconds: float
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {s.value: s.name for s in self.structures.values()}
+
+    def report(self) -> dict:
+        """A JSON-ready summary (per-slice confidence, volumes in mL, cost)."""
+        return {
+            "axis": self.axis,
+            "encoded_slices": self.encoded,
+            "seconds": round(self.seconds, 3),
+            "structures": {
+                name: {
+                    "value": s.value, "volume_ml": round(s.volume_ml, 3), "seeds": s.seeds,
+                    "slices_visited": s.visited, "present_slices": np.flatnonzero(s.present).tolist(),
+                    "confidence": [None if np.isnan(c) else round(float(c), 4) for c in s.confidence],
+                } for name, s in self.structures.items()
+            },
+        }
+
+
+@dataclass
+class _Structure:
+    name: str
+    value: int
+    axis: int
+    references: list[tuple[Reference, Volume, int, np.ndarray]] = field(default_factory=list)
+    # (VRP reference, its volume, its slice, its 2D seed mask in slice pixels)
+
+
+class Cancelled(RuntimeError):
+    """Raised inside :meth:`Segmenter.segment` when ``should_stop`` returned True."""
+
+
+class Segmenter:
+    """References in, label volumes out.
+
+    Example::
+
+        seg = Segmenter()                       # LiteMedSAM + the shipped VRP encoder
+        seg.add_reference(vol, 40, Annotation.from_box([90, 80, 160, 150]), name="liver")
+        result = seg.segment(vol)               # same scan
+        other = seg.segment(load_volume("p2.nii.gz"))   # another patient
+    """
+
+    def __init__(self, model: VRPSAM | str | Path | None = None, *, backbone: str = "litemedsam",
+                 checkpoint: str | Path | None = None, device: str | None = None, precision: str = "auto",
+                 cache: EmbeddingCache | None = None, cache_dir: str | Path | None = "default",
+                 config: SegmenterConfig | None = None, progress: bool = False) -> None:
+        if cache is None:
+            from vrpsam_med.models.backbones import load_backbone
+
+            bb = model.backbone if isinstance(model, VRPSAM) else load_backbone(
+                backbone, checkpoint, device=device, precision=precision)
+            cache = EmbeddingCache(bb, None if cache_dir in (None, "none") else cache_dir, progress=progress)
+        if not isinstance(model, VRPSAM):
+            from vrpsam_med.models.vrp import load_vrp
+
+            model = load_vrp(cache.backbone, model)
+        self.model = model.eval()
+        self.cache = cache
+        self.config = config or SegmenterConfig()
+        self._structures: dict[str, _Structure] = {}
+
+    # -- references -------------------------------------------------------------------------
+    @property
+    def structures(self) -> dict[str, int]:
+        """Structure name -> label value."""
+        return {s.name: s.value for s in self._structures.values()}
+
+    @property
+    def backbone(self):
+        return self.cache.backbone
+
+    def model_info(self) -> dict:
+        card = getattr(self.model, "card", {}) or {}
+        return {"backbone": self.backbone.id, "vrp_model": str(getattr(self.model, "card_path", "")),
+                "vrp_model_id": card.get("id") or card.get("name") or card.get("git_revision")}
+
+    def add_reference(self, volume: Volume, index: int, annotation: Annotation, name: str = "structure",
+                      axis: str | int = "axial", preset: str | None = None) -> int:
+        """Add one annotated slice of ``name`` (a new structure, or another reference of it: k-shot).
+
+        Returns the structure's label value. Raises :class:`SegmenterError` / ``AnnotationError``
+        for a slice out of range or an empty or out-of-image annotation.
+        """
+        ax = axis_index(axis)
+        n = volume.shape[ax]
+        if not 0 <= int(index) < n:
+            raise SegmenterError(f"{volume.name}: reference slice {index} is out of range (0..{n - 1})")
+        annotation.validate(slice_shape(volume.shape, ax))
+        st = self._structures.get(name)
+        if st is None:
+            st = _Structure(name, len(self._structures) + 1, ax)
+            self._structures[name] = st
+        elif st.axis != ax:
+            raise SegmenterError(f"structure {name!r} has references along axis {st.axis}; got axis {ax}")
+        seed = self._reference_mask(volume, int(index), annotation, ax, preset)
+        use = Annotation.from_mask(seed) if self.config.refine_reference and seed.any() else annotation
+        ref = make_reference(self.cache, volume, int(index), use, ax, preset)
+        st.references.append((ref, volume, int(index), seed))
+        return st.value
+
+    def remove_structure(self, name: str) -> None:
+        if name not in self._structures:
+            raise SegmenterError(f"no structure named {name!r}")
+        del self._structures[name]
+
+    def clear(self) -> None:
+        self._structures.clear()
+
+    def _reference_mask(self, volume: Volume, index: int, annotation: Annotation, ax: int,
+                        preset: str | None) -> np.ndarray:
+        """The reference slice's own segmentation (the propagation seed)."""
+        shape = slice_shape(volume.shape, ax)
+        if annotation.kind == "mask":
+            return annotation.to_mask(shape)
+        emb = self.cache.get(volume, [index], ax, preset)
+        if annotation.kind == "box":
+            return self._box_decode(emb, annotation.box[None], shape)[0][0]
+        ref = make_reference(self.cache, volume, index, annotation, ax, preset)
+        masks, _, _ = self._vrp([ref], emb, shape)
+        mask = masks[0] | annotation.to_mask(shape)
+        return self._box_decode(emb, self._grow(mask_box(mask), shape)[None], shape)[0][0]
+
+    # -- model calls ------------------------------------------------------------------------
+    def _autocast(self):
+        dtype = self.backbone._autocast_dtype()
+        dev = self.backbone.device
+        return torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    @torch.inference_mode()
+    def _vrp(self, refs: Sequence[Reference], emb: torch.Tensor, shape: tuple[int, int]
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """VRP-SAM on target embeddings (N, C, 64, 64) -> masks (N, H, W), presence (N,), IoU (N,)."""
+        dev = self.backbone.device
+        geom = SliceGeometry(*shape, self.backbone.image_size)
+        with self._autocast():
+            state = self.model.reference_state(torch.stack([r.embedding for r in refs]).to(dev),
+                                               torch.stack([r.mask for r in refs]).to(dev))
+            logits, iou, pres = self.model.predict_with_state(state, emb.to(dev))
+        masks = (geom.logits_to_slice(logits.float()) > 0).cpu().numpy()
+        return masks, torch.sigmoid(pres.float()).cpu().numpy(), iou.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def _box_decode(self, emb: torch.Tensor, boxes: np.ndarray, shape: tuple[int, int]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        geom = SliceGeometry(*shape, self.backbone.image_size)
+        with self._autocast():
+            logits, iou = self.backbone.segment_boxes(emb, boxes, geom)
+        return (logits > 0).cpu().numpy(), iou.cpu().numpy()
+
+    def _grow(self, box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        h, w = shape
+        x0, y0, x1, y1 = box
+        mx = max(2.0, self.config.box_margin * (x1 - x0 + 1))
+        my = max(2.0, self.config.box_margin * (y1 - y0 + 1))
+        return np.array([max(0, x0 - mx), max(0, y0 - my), min(w - 1, x1 + mx), min(h - 1, y1 + my)])
+
+    # -- segmentation -----------------------------------------------------------------------
+    def segment_slice(self, volume: Volume, index: int, axis: str | int = "axial",
+                      preset: str | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """One slice, every structure, VRP only (no propagation): (H, W) labels, name -> presence."""
+        ax = axis_index(axis)
+        self._check_ready(volume, index, ax)
+        shape = slice_shape(volume.shape, ax)
+        emb = self.cache.get(volume, [index], ax, preset)
+        out = np.zeros(shape, np.uint16 if len(self._structures) > 255 else np.uint8)
+        scores: dict[str, float] = {}
+        for st in self._structures.values():
+            masks, pres, _ = self._vrp([r[0] for r in st.references], emb, shape)
+            scores[st.name] = float(pres[0])
+            if pres[0] >= self.config.presence_threshold:
+                out[masks[0] & (out == 0)] = st.value
+        return out, scores
+
+    def segment(self, volume: Volume, structures: Sequence[str] | None = None, preset: str | None = None,
+                progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
+                ) -> SegmentationResult:
+        """Segment ``structures`` (default: all) in ``volume``; see the module docstring for how."""
+        t0 = time.perf_counter()
+        encoded0 = self.cache.encoded
+        names = list(structures) if structures is not None else list(self._structures)
+        if not names:
+            raise SegmenterError("no reference added: call add_reference first")
+        unknown = [n for n in names if n not in self._structures]
+        if unknown:
+            raise SegmenterError(f"no reference for structure {unknown[0]!r} (have: {', '.join(self._structures)})")
+        labels = np.zeros(volume.shape, np.uint16 if len(self._structures) > 255 else np.uint8)
+        best = np.zeros(volume.shape, np.float32)  # winning confidence per voxel (overlaps)
+        results: dict[str, StructureResult] = {}
+        axes = {self._structures[n].axis for n in names}
+        for i, name in enumerate(names):
+            st = self._structures[name]
+            report = (lambda d, t, m, i=i: progress(i * 1000 + int(1000 * d / max(t, 1)), 1000 * len(names),
+                                                    f"{name}: {m}")) if progress else None
+            res, mask3d = self._segment_structure(st, volume, preset, report, should_stop)
+            conf = np.nan_to_num(res.confidence, nan=0.0).astype(np.float32)
+            conf3d = np.broadcast_to(conf.reshape([-1 if a == st.axis else 1 for a in range(3)]), volume.shape)
+            win = mask3d & (conf3d > best)
+            labels[win] = st.value
+            best[win] = conf3d[win]
+            res.volume_ml = float((labels == st.value).sum() * np.prod(volume.spacing) / 1000.0)
+            results[name] = res
+        if progress:
+            progress(1000 * len(names), 1000 * len(names), "done")
+        return SegmentationResult(labels, axes.pop() if len(axes) == 1 else -1, results,
+                                  self.cache.encoded - encoded0, time.perf_counter() - t0)
+
+    def _check_ready(self, volume: Volume, index: int, ax: int) -> None:
+        if not self._structures:
+            raise SegmenterError("no reference added: call add_reference first")
+        n = volume.shape[ax]
+        if not 0 <= index < n:
+            raise SegmenterError(f"{volume.name}: slice {index} is out of range (0..{n - 1})")
+
+    def _segment_structure(self, st: _Structure, volume: Volume, preset: str | None,
+                           progress: Progress | None, should_stop: Callable[[], bool] | None
+                           ) -> tuple[StructureResult, np.ndarray]:
+        ax, cfg = st.axis, self.config
+        n = volume.shape[ax]
+        shape = slice_shape(volume.shape, ax)
+        refs = [r[0] for r in st.references]
+        conf = np.full(n, np.nan, np.float32)
+        masks: dict[int, np.ndarray] = {}
+        vrp_cache: dict[int, tuple[np.ndarray, float, float]] = {}
+
+        def stop() -> None:
+            if should_stop is not None and should_stop():
+                raise Cancelled("segmentation cancelled")
+
+        def vrp(indices: Sequence[int]) -> None:
+            todo = [k for k in indices if k not in vrp_cache]
+            for s in range(0, len(todo), cfg.batch_size):
+                stop()
+                chunk = todo[s:s + cfg.batch_size]
+                m, p, q = self._vrp(refs, self.cache.get(volume, chunk, ax, preset), shape)
+                for k, mk, pk, qk in zip(chunk, m, p, q):
+                    vrp_cache[k] = (mk, float(pk), float(qk))
+                if progress:
+                    progress(len(vrp_cache), n, "slices")
+
+        # 1. seeds
+        same = [(k, seed) for (_, v, k, seed) in st.references if v is volume or v.digest() == volume.digest()]
+        if same:
+            seeds = same
+            for k, seed in seeds:
+                masks[k] = seed
+                conf[k] = 1.0
+        else:
+            seeds = self._localise(volume, n, vrp, vrp_cache, shape, ax, preset)
+            for k, seed in seeds:
+                masks[k] = seed
+                conf[k] = vrp_cache[k][1]
+        # 2. propagation, outward from every seed
+        for k0, _ in seeds:
+            for step in (-1, 1):
+                prev, absent, k = masks[k0], 0, k0 + step
+                while 0 <= k < n and absent < cfg.stop_after_absent:
+                    if k in masks and k not in [s for s, _ in seeds]:
+                        break  # met another seed's propagation
+                    if k in masks:
+                        prev, k = masks[k], k + step
+                        continue
+                    window = [j for j in range(k, k + step * cfg.batch_size, step) if 0 <= j < n]
+                    vrp(window)
+                    mk, pk, ok = self._propagate_one(volume, k, prev, vrp_cache[k], shape, ax, preset)
+                    conf[k] = pk
+                    if ok:
+                        masks[k], prev, absent = mk, mk, 0
+                    else:
+                        absent += 1
+                    k += step
+        present = np.zeros(n, bool)
+        mask3d = np.zeros(volume.shape, bool)
+        for k, m in masks.items():
+            if m.any():
+                set_slice(mask3d, k, m, ax)
+        if cfg.cleanup and mask3d.any():
+            mask3d = self._cleanup(mask3d, [k for k, _ in seeds], ax)
+        present[:] = mask3d.any(axis=tuple(a for a in range(3) if a != ax))
+        visited = int(np.isfinite(conf).sum())
+        return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], visited), mask3d
+
+    def _propagate_one(self, volume: Volume, k: int, prev: np.ndarray, vrp_out: tuple[np.ndarray, float, float],
+                       shape: tuple[int, int], ax: int, preset: str | None) -> tuple[np.ndarray, float, bool]:
+        """Slice ``k`` from its neighbour's mask ``prev`` and the VRP prediction: (mask, confidence, present)."""
+        cfg = self.config
+        vmask, vpres, _ = vrp_out
+        if not prev.any():
+            return vmask, vpres, vpres >= cfg.presence_threshold and vmask.any()
+        emb = self.cache.get(volume, [k], ax, preset)
+        bmask, biou = self._box_decode(emb, self._grow(mask_box(prev), shape)[None], shape)
+        bmask = bmask[0]
+        agree = _dice(bmask, vmask)
+        area_ok = bmask.sum() >= cfg.min_area_ratio * prev.sum()
+        ok = bool(area_ok and bmask.any() and (vpres >= cfg.presence_threshold or agree >= cfg.agreement_threshold))
+        conf = float(np.clip(0.5 * vpres + 0.5 * agree, 0, 1)) if ok else float(min(vpres, agree))
+        return bmask, conf, ok
+
+    def _localise(self, volume: Volume, n: int, vrp, vrp_cache, shape, ax, preset) -> list[tuple[int, np.ndarray]]:
+        """Find the structure in a volume without annotation: scan at a stride, refine around the best hit."""
+        cfg = self.config
+        vrp(list(range(0, n, max(1, cfg.scan_stride))))
+
+        def score(k: int) -> float:
+            m, p, q = vrp_cache[k]
+            return p * (1.0 if m.any() else 0.0) * max(q, 0.0)
+
+        best = max(vrp_cache, key=score)
+        vrp([j for j in range(best - cfg.scan_stride + 1, best + cfg.scan_stride) if 0 <= j < n])
+        best = max(vrp_cache, key=score)
+        m, p, _ = vrp_cache[best]
+        if p < cfg.presence_threshold or not m.any():
+            return []
+        emb = self.cache.get(volume, [best], ax, preset)
+        seed = self._box_decode(emb, self._grow(mask_box(m), shape)[None], shape)[0][0]
+        return [(best, seed if seed.any() else m)]
+
+    @staticmethod
+    def _cleanup(mask3d: np.ndarray, seeds: Sequence[int], ax: int) -> np.ndarray:
+        """Keep the 3D components that touch a seed slice; close gaps of up to 2 slices along ``ax``."""
+        size = [1, 1, 1]
+        size[ax] = 3
+        closed = ndimage.binary_closing(mask3d, structure=np.ones(size, bool), iterations=1) | mask3d
+        lab, num = ndimage.label(closed)
+        if num <= 1:
+            return closed
+        keep = set()
+        for k in seeds:
+            ids = np.unique(get_slice(lab, k, ax))
+            keep.update(int(i) for i in ids if i)
+        if not keep:
+            sizes = ndimage.sum(closed, lab, range(1, num + 1))
+            keep = {int(np.argmax(sizes)) + 1}
+        return np.isin(lab, sorted(keep))
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2.0 * (a & b).sum() / s) if s else 0.0
+
+
+__all__ = ["Segmenter", "SegmenterConfig", "SegmentationResult", "StructureResult", "SegmenterError",
+           "Cancelled", "AnnotationError"]
