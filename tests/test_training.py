@@ -113,7 +113,8 @@ torch.set_num_threads(1)
 recs = synthetic_records(Path({tmp!r}))
 row = train(TrainConfig(batch_size=1, max_steps=2, checkpoint_every=2, num_queries=8, bf16=False), recs,
             load_backbone(device="cpu"), Path({run!r}))
-print("RANK", dist.get_rank(), "STEP", row["step"])
+# one file per rank: the two processes share stdout, so printed lines can interleave
+Path({tmp!r}, f"rank{{dist.get_rank()}}.txt").write_text(f"STEP {{row['step']}}")
 """
 
 
@@ -127,7 +128,8 @@ def test_ddp_two_processes_gloo(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                            "127.0.0.1", "--master_port", str(port), str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "RANK 0 STEP 2" in proc.stdout and "RANK 1 STEP 2" in proc.stdout
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == "STEP 2"
     state = torch.load(tmp_path / "run" / "last" / "state.pt", weights_only=True)
     assert len(state["sampler"]) == 2  # both ranks' sampler states are saved
 

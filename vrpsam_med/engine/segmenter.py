@@ -11,11 +11,15 @@ How a structure is found in a volume:
 1. **Seed.** In the reference's own volume the reference slice is the seed, its mask the annotation
    itself (mask), SAM's box segmentation (box), or the VRP prediction refined by a box pass
    (point, scribble). In any other volume the structure is *localised*: VRP-SAM is run on every
-   ``scan_stride``-th slice, then on the neighbours of the best hit; the most confident slice seeds.
+   ``scan_stride``-th slice, then on the neighbours of the best hit; the most confident slice seeds
+   (``localisation="scan"``). With ``localisation="registration"`` the reference volume is registered
+   to the target (affine, SimpleITK) and the warped reference mask gives the seed slice and its box.
 2. **Propagation.** From each seed outward in both directions, slice by slice: the neighbour's mask
-   gives a box prompt (LiteMedSAM's strongest prompt), the reference gives VRP tokens; the slice is
-   "present" while the box mask agrees with the reference (VRP presence / overlap). Propagation stops
-   after ``stop_after_absent`` absent slices, so cost follows the structure's extent.
+   gives a box prompt (LiteMedSAM's strongest prompt); the slice is "present" while the mask's
+   embedding prototype looks like the reference's foreground and not like its background (cosine
+   similarity of masked-average embeddings: training-free, measured to separate the organ's own slices
+   from the slices past its end, see docs/benchmarks.md). Propagation stops after
+   ``stop_after_absent`` absent slices, so cost follows the structure's extent.
 3. **Clean-up** (optional): keep the 3D connected component(s) touching the seeds, close small gaps
    between slices.
 
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from vrpsam_med.engine.reference import Reference, make_reference
@@ -50,11 +55,12 @@ class SegmenterError(ValueError):
 class SegmenterConfig:
     """Knobs of the volume engine (defaults tuned on the ``train`` splits; see docs/benchmarks.md)."""
 
-    presence_threshold: float = 0.5  # VRP presence probability that counts a slice as containing the structure
-    agreement_threshold: float = 0.2  # Dice(box mask, VRP mask) above which a slice counts as present anyway
+    presence_threshold: float = 0.5  # VRP presence probability (used by segment_slice only; see docs/vrp.md)
+    similarity_threshold: float = 0.6  # min cosine(mask prototype, reference foreground prototype) to be present
     min_area_ratio: float = 0.05  # a propagated mask below this share of its neighbour's area ends the structure
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
     box_margin: float = 0.1  # the neighbour's box grows by this share of its size (at least 2 px) per side
+    localisation: str = "scan"  # other volumes: "scan" (VRP at a stride, refine) | "registration" (affine prior)
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
     refine_reference: bool = True  # point/scribble/box references: use the segmented reference slice as a mask
     cleanup: bool = True  # 3D connected components touching the seeds + closing of small gaps between slices
@@ -116,6 +122,8 @@ class _Structure:
     axis: int
     references: list[tuple[Reference, Volume, int, np.ndarray]] = field(default_factory=list)
     # (VRP reference, its volume, its slice, its 2D seed mask in slice pixels)
+    prototypes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # unit-norm (foreground, background) masked-average embeddings (C,) of each reference's seed mask
 
 
 class Cancelled(RuntimeError):
@@ -181,7 +189,7 @@ class Segmenter:
         annotation.validate(slice_shape(volume.shape, ax))
         st = self._structures.get(name)
         if st is None:
-            st = _Structure(name, len(self._structures) + 1, ax)
+            st = _Structure(name, max((x.value for x in self._structures.values()), default=0) + 1, ax)
             self._structures[name] = st
         elif st.axis != ax:
             raise SegmenterError(f"structure {name!r} has references along axis {st.axis}; got axis {ax}")
@@ -189,7 +197,14 @@ class Segmenter:
         use = Annotation.from_mask(seed) if self.config.refine_reference and seed.any() else annotation
         ref = make_reference(self.cache, volume, int(index), use, ax, preset)
         st.references.append((ref, volume, int(index), seed))
+        st.prototypes.append(self._prototypes(ref.embedding, seed))
         return st.value
+
+    def references(self, name: str) -> list[tuple[str, int, str]]:
+        """The references of structure ``name``: (volume name, slice index, annotation kind) each."""
+        if name not in self._structures:
+            raise SegmenterError(f"no structure named {name!r}")
+        return [(v.name, k, r.kind) for r, v, k, _ in self._structures[name].references]
 
     def remove_structure(self, name: str) -> None:
         if name not in self._structures:
@@ -212,6 +227,29 @@ class Segmenter:
         masks, _, _ = self._vrp([ref], emb, shape)
         mask = masks[0] | annotation.to_mask(shape)
         return self._box_decode(emb, self._grow(mask_box(mask), shape)[None], shape)[0][0]
+
+    def _prototypes(self, emb: torch.Tensor, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm masked-average embeddings (C,) inside and outside a (H, W) slice mask; emb (C, 64, 64)."""
+        geom = SliceGeometry(*mask.shape, self.backbone.image_size)
+        both = torch.from_numpy(np.stack([mask, np.ones_like(mask)]))
+        grid, inside = F.adaptive_avg_pool2d(geom.mask_to_model(both), emb.shape[-1])[:, 0]
+        emb = emb.float()
+
+        def avg(w: torch.Tensor) -> torch.Tensor:
+            return F.normalize((emb * w).sum((1, 2)) / w.sum().clamp_min(1e-6), dim=0)
+        return avg(grid), avg((1 - grid) * inside)  # background: the image only, not the padding
+
+    def _similarity(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray) -> tuple[float, float]:
+        """(cos to the references' foreground, cos to their background), best over references; emb (C, 64, 64)."""
+        if not mask.any():
+            return -1.0, 1.0
+        fg, _ = self._prototypes(emb, mask)
+        return (max(float(fg @ f) for f, _ in st.prototypes), max(float(fg @ b) for _, b in st.prototypes))
+
+    def _looks_like(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray) -> tuple[bool, float]:
+        """Is ``mask`` the referenced structure? (decision, margin = cos_fg - cos_bg)."""
+        sfg, sbg = self._similarity(st, emb, mask)
+        return bool(mask.any() and sfg >= self.config.similarity_threshold and sfg > sbg), sfg - sbg
 
     # -- model calls ------------------------------------------------------------------------
     def _autocast(self):
@@ -328,7 +366,7 @@ class Segmenter:
                 for k, mk, pk, qk in zip(chunk, m, p, q):
                     vrp_cache[k] = (mk, float(pk), float(qk))
                 if progress:
-                    progress(len(vrp_cache), n, "slices")
+                    progress(int(np.isfinite(conf).sum()) + len(vrp_cache), n, "slices")
 
         # 1. seeds
         same = [(k, seed) for (_, v, k, seed) in st.references if v is volume or v.digest() == volume.digest()]
@@ -338,10 +376,16 @@ class Segmenter:
                 masks[k] = seed
                 conf[k] = 1.0
         else:
-            seeds = self._localise(volume, n, vrp, vrp_cache, shape, ax, preset)
+            if cfg.localisation == "registration":
+                seeds = self._localise_registration(st, volume, shape, ax, preset)
+            elif cfg.localisation == "scan":
+                seeds = self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset)
+            else:
+                raise SegmenterError(f"unknown localisation {cfg.localisation!r}; use scan or registration")
             for k, seed in seeds:
                 masks[k] = seed
-                conf[k] = vrp_cache[k][1]
+                emb = self.cache.get(volume, [k], ax, preset)[0]
+                conf[k] = float(np.clip(self._looks_like(st, emb, seed)[1] / 0.3, 0, 1))
         # 2. propagation, outward from every seed
         for k0, _ in seeds:
             for step in (-1, 1):
@@ -352,10 +396,13 @@ class Segmenter:
                     if k in masks:
                         prev, k = masks[k], k + step
                         continue
-                    window = [j for j in range(k, k + step * cfg.batch_size, step) if 0 <= j < n]
-                    vrp(window)
-                    mk, pk, ok = self._propagate_one(volume, k, prev, vrp_cache[k], shape, ax, preset)
+                    if not prev.any():  # no neighbour mask to follow: VRP alone
+                        vrp([k])
+                    mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset)
                     conf[k] = pk
+                    if progress:
+                        progress(int(np.isfinite(conf).sum()), n, "slices")
+                    stop()
                     if ok:
                         masks[k], prev, absent = mk, mk, 0
                     else:
@@ -372,40 +419,78 @@ class Segmenter:
         visited = int(np.isfinite(conf).sum())
         return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], visited), mask3d
 
-    def _propagate_one(self, volume: Volume, k: int, prev: np.ndarray, vrp_out: tuple[np.ndarray, float, float],
-                       shape: tuple[int, int], ax: int, preset: str | None) -> tuple[np.ndarray, float, bool]:
-        """Slice ``k`` from its neighbour's mask ``prev`` and the VRP prediction: (mask, confidence, present)."""
+    def _propagate_one(self, st: _Structure, volume: Volume, k: int, prev: np.ndarray,
+                       vrp_out: tuple[np.ndarray, float, float] | None, shape: tuple[int, int], ax: int,
+                       preset: str | None) -> tuple[np.ndarray, float, bool]:
+        """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
+
+        Confidence = SAM's predicted IoU x how clearly the mask looks like the reference's foreground
+        rather than its background (cosine margin, saturating at 0.3).
+        """
         cfg = self.config
-        vmask, vpres, _ = vrp_out
-        if not prev.any():
-            return vmask, vpres, vpres >= cfg.presence_threshold and vmask.any()
         emb = self.cache.get(volume, [k], ax, preset)
-        bmask, biou = self._box_decode(emb, self._grow(mask_box(prev), shape)[None], shape)
-        bmask = bmask[0]
-        agree = _dice(bmask, vmask)
-        area_ok = bmask.sum() >= cfg.min_area_ratio * prev.sum()
-        ok = bool(area_ok and bmask.any() and (vpres >= cfg.presence_threshold or agree >= cfg.agreement_threshold))
-        conf = float(np.clip(0.5 * vpres + 0.5 * agree, 0, 1)) if ok else float(min(vpres, agree))
-        return bmask, conf, ok
+        if not prev.any():
+            mask, iou = vrp_out[0], vrp_out[2]
+        else:
+            bmask, biou = self._box_decode(emb, self._grow(mask_box(prev), shape)[None], shape)
+            mask, iou = bmask[0], float(biou[0])
+        looks, margin = self._looks_like(st, emb[0], mask)
+        area_ok = mask.sum() >= cfg.min_area_ratio * max(prev.sum(), 1)
+        ok = bool(looks and area_ok)
+        conf = float(np.clip(iou, 0, 1) * np.clip(margin / 0.3, 0, 1))
+        return mask, conf, ok
 
-    def _localise(self, volume: Volume, n: int, vrp, vrp_cache, shape, ax, preset) -> list[tuple[int, np.ndarray]]:
-        """Find the structure in a volume without annotation: scan at a stride, refine around the best hit."""
+    def _localise(self, st: _Structure, volume: Volume, n: int, vrp, vrp_cache, shape, ax, preset
+                  ) -> list[tuple[int, np.ndarray]]:
+        """Find the structure in a volume without annotation: scan at a stride, refine around the best hit.
+
+        Each scanned slice's VRP mask is scored by SAM's IoU estimate x the prototype margin (the
+        mask must look like the reference's foreground, not its background); the best slice seeds.
+        """
         cfg = self.config
+        scores: dict[int, float] = {}
+
+        def score_all() -> None:
+            for k in vrp_cache:
+                if k not in scores:
+                    m, _, q = vrp_cache[k]
+                    looks, margin = self._looks_like(st, self.cache.get(volume, [k], ax, preset)[0], m)
+                    scores[k] = max(q, 0.0) * margin if looks else -1.0
+
         vrp(list(range(0, n, max(1, cfg.scan_stride))))
-
-        def score(k: int) -> float:
-            m, p, q = vrp_cache[k]
-            return p * (1.0 if m.any() else 0.0) * max(q, 0.0)
-
-        best = max(vrp_cache, key=score)
+        score_all()
+        best = max(scores, key=scores.get)
         vrp([j for j in range(best - cfg.scan_stride + 1, best + cfg.scan_stride) if 0 <= j < n])
-        best = max(vrp_cache, key=score)
-        m, p, _ = vrp_cache[best]
-        if p < cfg.presence_threshold or not m.any():
+        score_all()
+        best = max(scores, key=scores.get)
+        if scores[best] <= 0:
             return []
+        m = vrp_cache[best][0]
         emb = self.cache.get(volume, [best], ax, preset)
         seed = self._box_decode(emb, self._grow(mask_box(m), shape)[None], shape)[0][0]
-        return [(best, seed if seed.any() else m)]
+        return [(best, seed if self._looks_like(st, emb[0], seed)[0] else m)]
+
+    def _localise_registration(self, st: _Structure, volume: Volume, shape, ax, preset
+                               ) -> list[tuple[int, np.ndarray]]:
+        """Registration prior: warp the first reference's seed mask onto ``volume``; its largest slice seeds."""
+        from vrpsam_med.engine.registration import propagate_labels, register
+
+        _, ref_vol, k_ref, seed = st.references[0]
+        ref_lab = np.zeros(ref_vol.shape, np.int16)
+        set_slice(ref_lab, k_ref, seed.astype(np.int16), ax)
+        # a one-slice mask vanishes under nearest-neighbour resampling between slices: thicken it
+        size = [1, 1, 1]
+        size[ax] = 3
+        ref_lab = ndimage.binary_dilation(ref_lab > 0, np.ones(size, bool)).astype(np.int16)
+        warped = propagate_labels(volume, ref_vol, ref_lab, register(volume, ref_vol)) > 0
+        areas = warped.sum(axis=tuple(a for a in range(3) if a != ax))
+        if areas.max() == 0:
+            return []
+        k = int(np.argmax(areas))
+        prior = get_slice(warped, k, ax)
+        emb = self.cache.get(volume, [k], ax, preset)
+        mask = self._box_decode(emb, self._grow(mask_box(prior), shape)[None], shape)[0][0]
+        return [(k, mask if mask.any() else prior)]
 
     @staticmethod
     def _cleanup(mask3d: np.ndarray, seeds: Sequence[int], ax: int) -> np.ndarray:

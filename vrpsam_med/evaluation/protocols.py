@@ -8,7 +8,9 @@
   (a) every slice of the same volume, (b) every slice of each other patient; 3D Dice and HD95 over
   the whole volume, empty slices included, plus the share of empty slices given a false mask.
 
-Methods: ``vrp`` (the model), ``gt_box`` (ground-truth box per slice: upper bound), ``prototype``
+Methods: ``vrp`` (the model, every target slice prompted independently), ``engine`` (the volume
+engine users run, :class:`~vrpsam_med.engine.segmenter.Segmenter`: seed, propagation with the
+neighbour's mask, 3D clean-up; ``volume`` protocol only), ``gt_box`` (ground-truth box per slice: upper bound), ``prototype``
 (training-free: cosine similarity to the reference prototype -> box -> SAM), ``registration`` (the classic
 atlas method: affine SimpleITK registration of the support volume to the query, its *whole* label of
 the structure warped onto the query; more supervision than one slice, so it is a reference point,
@@ -35,7 +37,7 @@ from vrpsam_med.models.backbones import SliceGeometry
 from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.prompts import mask_box, simulate
 
-METHODS = ("vrp", "gt_box", "prototype", "registration")
+METHODS = ("vrp", "engine", "gt_box", "prototype", "registration")
 PROTOCOLS = ("fewshot", "volume")
 
 
@@ -75,16 +77,29 @@ class _Segmenters:
 
     def __init__(self, method: str, cache: EmbeddingCache, predictor: ReferencePredictor | None) -> None:
         self.method, self.cache, self.predictor = method, cache, predictor
+        self.engine_config = None  # SegmenterConfig for method 'engine' (None: the defaults)
         self._transforms: dict[tuple[str, str], object] = {}
 
     def atlas(self, svol: Volume, slab: np.ndarray, qvol: Volume, value: int) -> np.ndarray:
         """Registration baseline: the support's label of ``value`` warped onto the query grid (bool)."""
-        from vrpsam_med.evaluation.registration import propagate_labels, register
+        from vrpsam_med.engine.registration import propagate_labels, register
 
         key = (svol.digest(), qvol.digest())
         if key not in self._transforms:
             self._transforms[key] = register(qvol, svol)
         return propagate_labels(qvol, svol, (slab == value).astype(np.int16), self._transforms[key]) > 0
+
+    def engine(self, svol: Volume, sk: int, mask2d: np.ndarray, qvol: Volume, kind: str, rng
+               ) -> tuple[np.ndarray, dict]:
+        """The volume engine: reference slice ``sk`` of ``svol`` -> (bool volume of ``qvol``, cost details)."""
+        from vrpsam_med.engine.segmenter import Segmenter
+
+        seg = Segmenter(self.predictor.model, cache=self.cache, config=self.engine_config)
+        seg.add_reference(svol, sk, simulate(mask2d, kind, rng), name="target")
+        res = seg.segment(qvol)
+        st = res.structures["target"]
+        return res.labels > 0, {"slices_visited": st.visited, "slices_in_volume": int(qvol.shape[2]),
+                                "encoded": res.encoded, "seconds": round(res.seconds, 3), "seeds": st.seeds}
 
     def reference(self, volume: Volume, k: int, mask2d: np.ndarray, kind: str, rng) -> Reference:
         return make_reference(self.cache, volume, k, simulate(mask2d, kind, rng))
@@ -135,13 +150,17 @@ class _Segmenters:
 
 
 def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
-             predictor: ReferencePredictor | None = None, progress: bool = True) -> EvalResult:
+             predictor: ReferencePredictor | None = None, progress: bool = True,
+             engine_config=None) -> EvalResult:
+    """Run ``cfg`` on ``dataset``; ``engine_config`` (a SegmenterConfig) tunes method ``engine``."""
     if cfg.protocol not in PROTOCOLS:
         raise UsageError(f"unknown protocol {cfg.protocol!r}; use {', '.join(PROTOCOLS)}")
     if cfg.method not in METHODS:
         raise UsageError(f"unknown method {cfg.method!r}; use {', '.join(METHODS)}")
-    if cfg.method == "vrp" and predictor is None:
-        raise UsageError("method 'vrp' needs a trained model")
+    if cfg.method in ("vrp", "engine") and predictor is None:
+        raise UsageError(f"method {cfg.method!r} needs a trained model")
+    if cfg.method == "engine" and cfg.protocol != "volume":
+        raise UsageError("method 'engine' (the volume engine) runs with --protocol volume only")
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     names = list(cfg.labels) if cfg.labels else list(dataset.labels.values())
@@ -151,6 +170,7 @@ def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
         raise UsageError(f"{dataset.root}: the protocols need at least 2 cases in split {cfg.split!r}")
     loaded = [(c.case_id, *dataset.load(c)) for c in cases]
     seg = _Segmenters(cfg.method, cache, predictor)
+    seg.engine_config = engine_config
     rows: list[dict] = []
     bar = tqdm(total=len(names) * len(loaded), desc=f"{cfg.protocol}/{cfg.method}", unit="case", disable=not progress)
     for name in names:
@@ -243,8 +263,12 @@ def _volume_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng):
     n = qvol.shape[2]
     gt_all = qlab == value
     gt = np.stack([get_slice(gt_all, k) for k in range(n)])
+    extra: dict = {}
     if seg.method == "registration":
         pred = seg.atlas(svol, slab, qvol, ref_value)
+        masks = np.stack([get_slice(pred, k) for k in range(n)])
+    elif seg.method == "engine":
+        pred, extra = seg.engine(svol, sk, get_slice(slab, sk) == ref_value, qvol, kind, rng)
         masks = np.stack([get_slice(pred, k) for k in range(n)])
     else:
         masks = seg.segment([ref], qvol, list(range(n)), gt, gate=True)
@@ -254,4 +278,4 @@ def _volume_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng):
     empty = ~gt.any(axis=(1, 2))
     fp = float(masks[empty].any(axis=(1, 2)).mean()) if empty.any() else 0.0
     return {"dice": dice_3d(pred, gt_all), "hd95_mm": hd95(pred, gt_all, qvol.spacing),
-            "empty_slices_with_false_mask": fp, "reference_slice": sk}
+            "empty_slices_with_false_mask": fp, "reference_slice": sk, **extra}

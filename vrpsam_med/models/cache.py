@@ -79,7 +79,10 @@ class EmbeddingCache:
             for start in range(0, len(todo), self.batch_size):
                 chunk = todo[start:start + self.batch_size]
                 slices = np.stack([to_unit_range(get_slice(volume.array, i, ax), lo, hi) for i in chunk])
-                emb = self.backbone.encode(torch.from_numpy(slices)).cpu().numpy().astype(np.float16)
+                # contiguous: a channels-last encoder output would otherwise give (bf16) results that differ
+                # by a few pixels from the same embedding read back from disk
+                emb = self.backbone.encode(torch.from_numpy(slices)).cpu().numpy()
+                emb = np.ascontiguousarray(emb.astype(np.float16))
                 self.encoded += len(chunk)
                 for i, e in zip(chunk, emb):
                     out[i] = e

@@ -9,6 +9,7 @@ LPS order and an axial display slice is ``get_slice(array, k) == array[:, :, k].
 napari slides over axis 0 and shows the last two axes as (rows, cols), so the layer data is
 ``np.transpose(array, (2, 1, 0))``: axis 0 = axial slice index (S), rows = P, cols = L.
 Each displayed plane is then exactly ``get_slice(array, k, "axial")`` (radiological view).
+That mapping is written once, in :mod:`napari_vrpsam_med._coords`.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from napari_vrpsam_med._coords import volume_to_layer
 
 #: Volume file suffixes read by :func:`vrpsam_med.io.load_volume` (lower case); keep in sync
 #: with ``filename_patterns`` in napari.yaml.
@@ -136,10 +138,14 @@ def _import_triton_isolated() -> None:
 
 def volume_to_layer_data(volume: Any, name: str | None = None,
                          source: str | os.PathLike | None = None) -> list[LayerData]:
-    """Turn a :class:`~vrpsam_med.io.volume.Volume` into one napari Image layer."""
+    """Turn a :class:`~vrpsam_med.io.volume.Volume` into one napari Image layer.
+
+    The Volume travels in ``metadata["volume"]`` so that the widget segments and exports the
+    scan with its full source geometry.
+    """
     from vrpsam_med.io.intensity import intensity_range
 
-    data = np.ascontiguousarray(np.transpose(volume.array, (2, 1, 0)))  # (S, P, L)
+    data = np.ascontiguousarray(volume_to_layer(volume.array))  # (S, P, L): see _coords
     sx, sy, sz = volume.spacing
     low, high = intensity_range(volume)
     src = source if source is not None else volume.source
@@ -150,8 +156,10 @@ def volume_to_layer_data(volume: Any, name: str | None = None,
         "modality": volume.modality,
         "is_hu": bool(volume.is_hu),
         "series_uid": volume.series_uid,
-        # how layer data relates to Volume.array (canonical LPS (X, Y, Z))
+        # how layer data relates to Volume.array (canonical LPS (X, Y, Z)): napari_vrpsam_med._coords
         "layer_axes": "transpose(Volume.array, (2, 1, 0))",
+        # the Volume itself (geometry, DICOM source): the widget segments and exports from it
+        "volume": volume,
         "reader": "napari-vrpsam-med",
     }
     kwargs = {

@@ -1,4 +1,5 @@
-"""Registration-based label propagation (the classic atlas baseline), with SimpleITK.
+"""Registration-based label propagation with SimpleITK: the classic atlas baseline, and the
+engine's registration prior for localising a structure in another patient.
 
 The support (atlas) image is registered to the query image (affine, optionally followed by a
 B-spline deformable stage; Mattes mutual information, multi-resolution) and the support's label

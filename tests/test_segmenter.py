@@ -1,0 +1,143 @@
+"""The volume engine (Segmenter) on small synthetic volumes: seeds, propagation, clean-up, cost, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from vrpsam_med.engine.segmenter import Cancelled, Segmenter, SegmenterConfig, SegmenterError
+from vrpsam_med.evaluation.metrics import dice_3d
+from vrpsam_med.io.volume import Volume, get_slice
+from vrpsam_med.models.backbones import load_backbone
+from vrpsam_med.models.cache import EmbeddingCache
+from vrpsam_med.models.vrp import load_vrp
+from vrpsam_med.prompts import Annotation, AnnotationError
+
+
+def phantom(shift: int = 0, n: int = 14) -> tuple[Volume, np.ndarray]:
+    """A bright ellipsoid (label 1, slices 3..10) and a grey block (label 2) in noise: (Volume, labels)."""
+    shape = (72, 72, n)
+    x, y, z = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    ball = ((x - 28 - shift) / 13) ** 2 + ((y - 34 - shift) / 15) ** 2 + ((z - 6.5) / 4.2) ** 2 <= 1
+    block = (x > 50) & (x < 66) & (y > 8) & (y < 26) & (z >= 4) & (z <= 9)
+    img = np.where(ball, 230.0, np.where(block, 120.0, 25.0)) + np.random.default_rng(shift).normal(0, 4, shape)
+    lab = np.zeros(shape, np.uint8)
+    lab[ball], lab[block] = 1, 2
+    return Volume(img.astype(np.float32), np.diag([-1.5, -1.5, 4.0, 1.0]), modality="MR"), lab
+
+
+@pytest.fixture(scope="module")
+def model_and_cache():
+    cache = EmbeddingCache(load_backbone(device="cpu"), root=None, progress=False)
+    return load_vrp(cache.backbone), cache
+
+
+def make(model_and_cache, **cfg) -> Segmenter:
+    model, cache = model_and_cache
+    return Segmenter(model, cache=cache, config=SegmenterConfig(**cfg))
+
+
+def test_mask_reference_propagates_through_the_same_volume(model_and_cache):
+    vol, lab = phantom()
+    seg = make(model_and_cache)
+    k = 6
+    ref = get_slice(lab, k) == 1
+    seg.add_reference(vol, k, Annotation.from_mask(ref), name="ball")
+    res = seg.segment(vol)
+    st = res.structures["ball"]
+    assert np.array_equal(get_slice(res.labels, k) == 1, ref)  # the seed is the clinician's own mask
+    assert st.seeds == [k] and st.confidence[k] == 1.0
+    gt = lab == 1
+    assert dice_3d(res.labels == 1, gt) > 0.75
+    # propagation stops near the structure's end instead of painting every slice
+    present = np.flatnonzero(st.present)
+    assert present.min() >= 1 and present.max() <= 12
+    assert st.volume_ml == pytest.approx((res.labels == 1).sum() * 1.5 * 1.5 * 4.0 / 1000)
+    json.dumps(res.report())  # the report is JSON-ready
+    assert res.report()["structures"]["ball"]["volume_ml"] > 0
+
+
+def test_each_slice_is_encoded_at_most_once(model_and_cache):
+    model, _ = model_and_cache
+    cache = EmbeddingCache(model.backbone, root=None, progress=False)  # a fresh counter
+    seg = Segmenter(model, cache=cache)
+    vol, lab = phantom()
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 2), name="block")
+    res = seg.segment(vol)
+    visited = {k for s in res.structures.values() for k in np.flatnonzero(np.isfinite(s.confidence))}
+    assert cache.encoded == len(visited) <= vol.shape[2]  # reference slice included, nothing twice
+    assert set(np.unique(res.labels)) <= {0, 1, 2} and (res.labels == 2).any()
+    again = seg.segment(vol)
+    assert again.encoded == 0 and np.array_equal(again.labels, res.labels)
+
+
+@pytest.mark.parametrize("kind", ["box", "point"])
+def test_other_annotation_kinds_seed_the_same_structure(model_and_cache, kind):
+    vol, lab = phantom()
+    ref = get_slice(lab, 6) == 1
+    ys, xs = np.nonzero(ref)
+    ann = {"box": Annotation.from_box([xs.min(), ys.min(), xs.max(), ys.max()]),
+           "point": Annotation.from_points([[xs.mean(), ys.mean()], [xs.mean() + 5, ys.mean() - 5]])}[kind]
+    seg = make(model_and_cache)
+    seg.add_reference(vol, 6, ann, name="ball")
+    assert seg.references("ball") == [(vol.name, 6, "mask")]  # refined: the segmented reference slice
+    res = seg.segment(vol)
+    seed = get_slice(res.labels, 6) == 1
+    if kind == "point":
+        assert seed[ann.to_mask(seed.shape)].all()  # the clicked points are inside the seed
+    assert dice_3d(seed, ref) > (0.8 if kind == "box" else 0.5)
+
+
+@pytest.mark.parametrize("localisation", ["scan", "registration"])
+def test_structure_is_found_in_another_volume(model_and_cache, localisation):
+    vol, lab = phantom()
+    other, olab = phantom(shift=5)
+    seg = make(model_and_cache, localisation=localisation)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    res = seg.segment(other)
+    st = res.structures["ball"]
+    assert len(st.seeds) == 1 and 3 <= st.seeds[0] <= 10
+    assert dice_3d(res.labels == 1, olab == 1) > 0.6
+
+
+def test_k_references_and_clean_up_switch(model_and_cache):
+    vol, lab = phantom()
+    seg = make(model_and_cache, cleanup=False)
+    seg.add_reference(vol, 5, Annotation.from_mask(get_slice(lab, 5) == 1), name="ball")
+    seg.add_reference(vol, 8, Annotation.from_mask(get_slice(lab, 8) == 1), name="ball")
+    res = seg.segment(vol)
+    assert sorted(res.structures["ball"].seeds) == [5, 8] and seg.structures == {"ball": 1}
+
+
+def test_cleanup_closes_gaps_and_drops_components_away_from_the_seeds():
+    m = np.zeros((20, 20, 10), bool)
+    m[5:10, 5:10, 1:4] = True
+    m[5:10, 5:10, 5:8] = True  # one missing slice (4) between two runs
+    m[15:18, 15:18, 1:3] = True  # a separate blob
+    out = Segmenter._cleanup(m, seeds=[2], ax=2)
+    assert out[5:10, 5:10, 4].all()  # gap closed
+    assert not out[15:18, 15:18].any()  # blob not touching the seed's component dropped
+
+
+def test_bad_use_is_refused_with_clear_errors(model_and_cache):
+    vol, lab = phantom()
+    seg = make(model_and_cache)
+    with pytest.raises(SegmenterError, match="no reference added"):
+        seg.segment(vol)
+    with pytest.raises(SegmenterError, match="out of range"):
+        seg.add_reference(vol, 99, Annotation.from_mask(get_slice(lab, 6) == 1))
+    with pytest.raises(AnnotationError, match="empty"):
+        seg.add_reference(vol, 6, Annotation.from_mask(np.zeros((72, 72), bool)))
+    with pytest.raises(AnnotationError, match="outside"):
+        seg.add_reference(vol, 6, Annotation.from_box([100, 100, 120, 120]))
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    with pytest.raises(SegmenterError, match="no reference for structure 'liver'"):
+        seg.segment(vol, ["liver"])
+    with pytest.raises(Cancelled):
+        seg.segment(vol, should_stop=lambda: True)
+    seg2 = make(model_and_cache, localisation="magic")
+    seg2.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1))
+    with pytest.raises(SegmenterError, match="unknown localisation"):
+        seg2.segment(phantom(shift=3)[0])
