@@ -56,7 +56,7 @@ def main() -> None:
         cfg = EvalConfig(protocol="volume", annotation=args.annotation, labels=SETS[name], method=args.method,
                          max_cases=n)
         t = time.perf_counter()
-        res = evaluate(MSDDataset.open(DATA / name), cfg, cache, predictor, progress=False,
+        res = evaluate(MSDDataset.open(DATA / name), cfg, cache, predictor, progress=True,
                        engine_config=SegmenterConfig(localisation=args.localisation))
         results[key] = res.to_json()
         print(f"{key}: mean {res.mean_dice:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)

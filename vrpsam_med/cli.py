@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=int, default=None, help="use only the first N cases of each dataset")
     _add_model_options(p)
 
+    p = sub.add_parser("finetune", help="fine-tune on your labelled scans (domain adaptation; resumable)",
+                       description="Adapt the VRP encoder (and optionally LoRA adapters on SAM's mask decoder) "
+                                   "to a labelled data set: an MSD/nnU-Net folder or a CSV of image,label paths. "
+                                   "Patients are split into train/val; validation with the evaluate harness; "
+                                   "RUN_DIR/best and RUN_DIR/last; re-running with the same RUN_DIR resumes. "
+                                   "Works under torchrun. Options override the --config file; --set KEY=VALUE "
+                                   "overrides any config key (docs/finetune.md).")
+    p.add_argument("--dataset", default=None, help="MSD/nnU-Net folder or CSV file (image,label[,case_id])")
+    p.add_argument("--config", type=Path, default=None, help="YAML config (configs/finetune/*.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="RUN_DIR (best/, last/, log.csv, before_after.md)")
+    p.add_argument("--init", default=None, help="model folder or RUN_DIR to start from (default: shipped model)")
+    p.add_argument("--split", default=None, help="cases of DIR to use (default train; 'all' for every case)")
+    p.add_argument("--labels", default=None, help="comma-separated structures to adapt to (default: all)")
+    p.add_argument("--steps", type=int, default=None, help="max training steps")
+    p.add_argument("--time-budget", type=float, default=None, help="stop (with a checkpoint) after this many seconds")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lora-decoder", action="store_true", default=None, help="add LoRA adapters to the mask decoder")
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--lora-alpha", type=float, default=None)
+    p.add_argument("--freeze-encoder", action="store_true", default=None,
+                   help="keep the VRP encoder fixed (train only the LoRA adapters)")
+    p.add_argument("--val-every", type=int, default=None, help="steps between validations")
+    p.add_argument("--val-protocol", choices=["volume", "fewshot"], default=None)
+    p.add_argument("--val-cases", type=int, default=None, help="val patients evaluated per validation")
+    p.add_argument("--patience", type=int, default=None, help="validations without improvement before stopping")
+    p.add_argument("--max-cases", type=int, default=None, help="use only the first N cases of DIR")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="set_values",
+                   help="override any config key, e.g. --set episodes.p_negative=0.2 (YAML value); repeatable")
+    _add_model_options(p)
+
     p = sub.add_parser("evaluate", help="evaluate on an MSD folder (fewshot or volume protocol)",
                        description="Evaluate VRP-SAM or a baseline on any MSD/nnU-Net-layout folder.")
     p.add_argument("--dataset", type=Path, required=True)
@@ -102,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=["fewshot", "volume"], default="fewshot")
     p.add_argument("--annotation", choices=["mask", "box", "scribble", "point"], default="mask")
     p.add_argument("--labels", default=None, help="comma-separated structure names (default: all)")
-    p.add_argument("--method", choices=["vrp", "gt_box", "prototype", "registration"], default="vrp",
-                   help="vrp (the model) or a baseline: gt_box (upper bound), prototype (training-free), "
+    p.add_argument("--method", choices=["vrp", "engine", "gt_box", "prototype", "registration"], default="vrp",
+                   help="vrp (the model, slice by slice), engine (the volume engine: propagation + clean-up; "
+                        "volume protocol) or a baseline: gt_box (upper bound), prototype (training-free), "
                         "registration (SimpleITK affine atlas)")
     p.add_argument("--model", type=Path, default=None, help="trained model folder or RUN_DIR (default: shipped)")
     p.add_argument("--wrong-reference", action="store_true",
@@ -112,6 +146,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, dest="json_out", help="write results JSON here")
     p.add_argument("--overwrite", action="store_true")
+    _add_model_options(p)
+
+    p = sub.add_parser("segment", help="segment a structure in scans/cohorts from one annotated reference slice",
+                       description="Annotate one slice of a reference scan (a label volume + --label, or an "
+                                   "annotation file); segment that structure in every TARGET (files, DICOM folders, a "
+                                   "folder of cases, or an MSD dataset.json). Writes OUT/<case>/<case>_seg.nii.gz "
+                                   "(or .dcm), <case>_report.json and <case>_qc.png, and OUT/manifest.json; a re-run "
+                                   "skips finished cases. Put --dask after the targets (or use --dask=ADDRESS).")
+    p.add_argument("targets", type=Path, nargs="+", metavar="TARGET",
+                   help="scan file, DICOM folder, folder of cases, or MSD dataset folder / dataset.json")
+    p.add_argument("--reference", type=Path, required=True, metavar="IMAGE", help="the annotated reference scan")
+    ref = p.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--reference-label", type=Path, default=None, metavar="LABELS",
+                     help="label volume of the reference scan")
+    ref.add_argument("--annotation-file", type=Path, default=None, metavar="FILE",
+                     help="JSON (points/box/scribbles/polygon, voxel or world mm), 2D mask image or mask volume; "
+                          "see docs/annotation_files.md")
+    p.add_argument("--label", default=None, metavar="N[,M...]",
+                   help="label value(s) N[,M...] (or names from dataset.json) of --reference-label; "
+                        "default: every label on the slice")
+    p.add_argument("--slice", type=int, default=None, dest="slice_index", metavar="K",
+                   help="reference slice index K (JSON annotation files may carry it)")
+    p.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    p.add_argument("--annotation", default="mask", choices=["mask", "box", "scribble", "point"],
+                   help="annotation kind derived from the label mask of the slice (default mask)")
+    p.add_argument("--split", default=None, help="MSD split of dataset targets (default: all cases)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output folder (DIR/<case>/..., DIR/manifest.json)")
+    p.add_argument("--format", default="nifti", choices=["nifti", "dicom-seg"], dest="fmt",
+                   help="mask format (dicom-seg: DICOM targets only)")
+    p.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run on Dask: a LocalCluster of --workers processes, or the scheduler at ADDRESS")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="LocalCluster worker processes with --dask (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="redo finished cases and replace their outputs")
+    p.add_argument("--no-cleanup", action="store_true", help="no 3D clean-up (connected components, gap closing)")
+    p.add_argument("--model", type=Path, default=None, help="trained VRP model folder or RUN_DIR (default: shipped)")
+    _add_input_options(p)
     _add_model_options(p)
 
     p = sub.add_parser("demo", help="the README's main job on a scan that ships with nilearn (no network)",
@@ -256,6 +327,45 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    import yaml
+
+    from vrpsam_med.errors import UsageError
+    from vrpsam_med.training.finetune import check_data, finetune, load_finetune_config, preflight, prepare
+
+    overrides: dict = {}
+    for item in args.set_values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
+    overrides.update({
+        "dataset": args.dataset, "init": args.init, "split": args.split,
+        "labels": [x for x in args.labels.split(",") if x] if args.labels else None,
+        "max_steps": args.steps, "time_budget_s": args.time_budget, "batch_size": args.batch_size, "lr": args.lr,
+        "seed": args.seed, "lora.decoder": args.lora_decoder, "lora.rank": args.lora_rank,
+        "lora.alpha": args.lora_alpha, "train_encoder": False if args.freeze_encoder else None,
+        "validation.every": args.val_every, "validation.protocol": args.val_protocol,
+        "validation.max_cases": args.val_cases, "validation.patience": args.patience, "max_cases": args.max_cases})
+    cfg = load_finetune_config(args.config, overrides)
+    data = check_data(cfg)  # bad input fails here, before any model is loaded
+    cache = _cache(args)
+    if cache.root is None:
+        raise UsageError("finetune needs an on-disk embedding cache: drop --cache-dir none")
+    if not (args.out / "last" / "state.pt").exists():
+        preflight(cfg, cache.backbone)  # memory estimate: refuse before encoding anything
+    records, ds, info = prepare(cfg, cache, data)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
+        print(f"{info['name']}: {len(info['train_patients'])} train patients ({len(records)} cases), "
+              f"{len(info['val_patients'])} validation patients", flush=True)
+    result = finetune(cfg, records, ds, cache, args.out, info, command=" ".join(sys.argv))
+    if result.table:
+        print(f"stopped at step {result.step}{' (early stopping)' if result.stopped_early else ''}; "
+              f"best validation at step {result.best_step}\n{result.table}")
+        print(f"wrote {args.out / 'best'}, {args.out / 'last'}, {args.out / 'before_after.md'}")
+    return 0
+
+
 def cmd_evaluate(args) -> int:
     from vrpsam_med.engine.reference import ReferencePredictor
     from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
@@ -267,7 +377,7 @@ def cmd_evaluate(args) -> int:
         outputs_free([args.json_out], args.overwrite)
     ds = MSDDataset.open(args.dataset)
     cache = _cache(args)
-    predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache) if args.method == "vrp" else None
+    predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache) if args.method in ("vrp", "engine") else None
     cfg = EvalConfig(protocol=args.protocol, annotation=args.annotation,
                      labels=args.labels.split(",") if args.labels else None, split=args.split, method=args.method,
                      seed=args.seed, max_cases=args.max_cases, wrong_reference=args.wrong_reference)
@@ -279,6 +389,75 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _labels_arg(text: str | None, reference: Path) -> tuple[int, ...]:
+    """``--label 1,2`` or names from the reference's dataset.json -> label values."""
+    from vrpsam_med.engine.cohort import dataset_labels
+    from vrpsam_med.errors import UsageError
+
+    if not text:
+        return ()
+    names = {n: v for v, n in dataset_labels(reference).items()}
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if item.lstrip("-").isdigit():
+            out.append(int(item))
+        elif item in names:
+            out.append(names[item])
+        else:
+            raise UsageError(f"--label {item!r}: not a number" + (f" nor a label name ({', '.join(names)})"
+                                                                  if names else ""))
+    return tuple(out)
+
+
+def cmd_segment(args) -> int:
+    import signal
+    import threading
+
+    from vrpsam_med.engine.cohort import EngineSpec, ReferenceSpec, enumerate_targets, run_cohort
+    from vrpsam_med.errors import UsageError
+
+    targets = list(args.targets)
+    dask = args.dask
+    if dask not in (None, "local") and Path(dask).exists():  # `--dask TARGET`: argparse took a target
+        targets.append(Path(dask))
+        dask = "local"
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: need at least 1")
+    if args.reference_label is not None and args.slice_index is None:
+        raise UsageError("--reference-label needs --slice K")
+    spec = ReferenceSpec(
+        image=str(args.reference), slice_index=args.slice_index, axis=args.axis,
+        label_path=str(args.reference_label) if args.reference_label else None,
+        labels=_labels_arg(args.label, args.reference),
+        annotation_file=str(args.annotation_file) if args.annotation_file else None,
+        annotation_kind=args.annotation, series_uid=args.series, preset=args.preset)
+    engine = EngineSpec(backbone=args.backbone, checkpoint=str(args.checkpoint) if args.checkpoint else None,
+                        model=str(args.model) if args.model else None, device=args.device,
+                        precision=args.precision, cache_dir=None if str(args.cache_dir).lower() == "none"
+                        else str(args.cache_dir), cleanup=not args.no_cleanup)
+    cases = enumerate_targets(targets, args.split, exclude=[args.out])
+    if not cases:
+        raise UsageError("no target scans")
+
+    def _term(signum, frame):  # SIGTERM: unwind like Ctrl-C so temporaries are removed
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _term) if main_thread else None
+    try:
+        summary = run_cohort(spec, engine, cases, args.out, fmt=args.fmt, overwrite=args.overwrite, dask=dask,
+                             workers=args.workers, progress=sys.stderr.isatty())
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+    for case, reason in summary.failed.items():
+        print(f"vrpsam-med: case {case} failed: {reason}", file=sys.stderr)
+    print(f"{len(summary.done)} done, {len(summary.failed)} failed, {len(summary.skipped)} already done "
+          f"({summary.seconds:.1f} s, {summary.workers} worker{'s' if summary.workers != 1 else ''}); "
+          f"manifest: {summary.manifest}")
+    return 0 if summary.ok else 1
+
+
 def cmd_demo(args) -> int:
     from vrpsam_med.demo import run_demo
 
@@ -286,7 +465,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"info": cmd_info, "boxseg": cmd_boxseg, "embed": cmd_embed, "train": cmd_train,
-            "evaluate": cmd_evaluate, "demo": cmd_demo}
+            "finetune": cmd_finetune, "evaluate": cmd_evaluate, "demo": cmd_demo, "segment": cmd_segment}
 
 
 def main(argv: list[str] | None = None) -> int:

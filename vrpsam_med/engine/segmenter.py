@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from vrpsam_med.engine.reference import Reference, make_reference
+from vrpsam_med.errors import UsageError
 from vrpsam_med.io.volume import Volume, axis_index, get_slice, set_slice, slice_shape
 from vrpsam_med.models.backbones import SliceGeometry
 from vrpsam_med.models.cache import EmbeddingCache
@@ -47,7 +48,7 @@ from vrpsam_med.prompts import Annotation, AnnotationError, mask_box
 Progress = Callable[[int, int, str], None]  # (done, total, message)
 
 
-class SegmenterError(ValueError):
+class SegmenterError(UsageError):
     """Bad use of the Segmenter (no reference, unknown structure, slice out of range)."""
 
 
@@ -415,6 +416,8 @@ class Segmenter:
                 set_slice(mask3d, k, m, ax)
         if cfg.cleanup and mask3d.any():
             mask3d = self._cleanup(mask3d, [k for k, _ in seeds], ax)
+            for k, seed in seeds:  # the reference slices stay exactly as annotated / seeded
+                set_slice(mask3d, k, seed, ax)
         present[:] = mask3d.any(axis=tuple(a for a in range(3) if a != ax))
         visited = int(np.isfinite(conf).sum())
         return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], visited), mask3d

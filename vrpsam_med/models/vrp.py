@@ -239,7 +239,11 @@ def resolve_model_dir(path: str | Path | None) -> Path:
 
 
 def load_vrp(backbone: nn.Module, path: str | Path | None = None) -> VRPSAM:
-    """Assemble VRP-SAM from a backbone and trained encoder weights (safetensors only)."""
+    """Assemble VRP-SAM from a backbone and trained encoder weights (safetensors only).
+
+    A folder that also holds ``lora_decoder.safetensors`` (``vrpsam-med finetune``) gets a model whose
+    mask decoder is an adapted copy; ``backbone`` itself is not modified.
+    """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -256,6 +260,11 @@ def load_vrp(backbone: nn.Module, path: str | Path | None = None) -> VRPSAM:
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{file}: not a VRP encoder checkpoint ({len(result.missing_keys)} missing, "
                               f"{len(result.unexpected_keys)} unexpected keys)")
+    lora_file = folder / "lora_decoder.safetensors"
+    if lora_file.is_file():  # fine-tuned run with mask-decoder adapters (vrpsam_med.models.lora)
+        from vrpsam_med.models.lora import load_lora_backbone
+
+        backbone = load_lora_backbone(backbone, lora_file)
     card = folder / "model_card.json"
     model = VRPSAM(backbone, encoder).to(next(backbone.parameters()).device).eval()
     model.card = json.loads(card.read_text()) if card.exists() else {}

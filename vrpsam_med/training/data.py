@@ -8,6 +8,7 @@ and its supervoxel map in the 256-px model space (resized + padded like the back
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def supervoxels(volume: Volume, unit: np.ndarray, n_segments: int = SUPERVOXELS_
 
     small = unit[::2, ::2, :]
     body = ndimage.binary_opening(small > 0.05, iterations=2)
+    if not body.any():  # very thin volumes: the 3D opening erodes everything
+        body = small > 0.05
+    if not body.any():
+        return np.zeros(unit.shape, np.int32)
     sx, sy, sz = volume.spacing
     seg = slic(small, n_segments=n_segments, compactness=0.1, spacing=(2 * sx, 2 * sy, sz), channel_axis=None,
                start_label=1, mask=body)
@@ -87,7 +92,7 @@ def prepare_case(ds: MSDDataset, case: Case, cache: EmbeddingCache, out_dir: Pat
         lab = to_model_space(np.stack([get_slice(labels, k) for k in range(n)]).astype(np.int16))
         sv = to_model_space(np.stack([get_slice(sv3d, k) for k in range(n)]))
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = record_path.with_suffix(".tmp.npz")
+        tmp = record_path.with_suffix(f".{os.getpid()}.tmp.npz")  # unique per process (torchrun)
         np.savez_compressed(tmp, labels=lab, supervoxels=sv)
         tmp.replace(record_path)
     return CaseRecord(ds.name, case.case_id, dict(ds.labels), lab, sv, paths)

@@ -65,7 +65,32 @@ def losses(logits: torch.Tensor, presence: torch.Tensor, batch: Batch, presence_
     return total, metrics
 
 
-def _git_revision() -> str:
+def init_distributed() -> tuple[int, int, bool]:
+    """(rank, world size, distributed?) from torchrun's environment; joins the process group once."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not distributed:
+        return 0, 1, False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    return Batch(*(x.to(device) if torch.is_tensor(x) else x for x in (
+        batch.ref_emb, batch.ref_mask, batch.tgt_emb, batch.tgt_mask, batch.present, batch.kinds)))
+
+
+def forward_episodes(encoder: torch.nn.Module, backbone: torch.nn.Module, b: Batch, use_bf16: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reference per episode -> mask logits (B, 1, 256, 256) and presence logits (B,)."""
+    with torch.autocast(b.tgt_emb.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        pos = backbone.prompt_encoder.get_dense_pe()
+        tokens, presence = encoder(b.ref_emb[:, 0], mask_to_embedding_grid(b.ref_mask[:, 0]), b.tgt_emb, pos)
+        logits, _ = backbone.decode(b.tgt_emb, tokens)
+    return logits, presence
+
+
+def git_revision() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
@@ -89,12 +114,7 @@ def save_encoder(encoder: VRPEncoder, folder: Path, card: dict) -> None:
 
 def train(cfg: TrainConfig, records, backbone, run_dir: Path, command: str = "") -> dict:
     """Train (or resume) in ``run_dir``. Returns the final log row."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    rank = 0
-    if distributed and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if distributed:
-        rank = dist.get_rank()
+    rank, _, distributed = init_distributed()
     device = backbone.device
     torch.manual_seed(cfg.seed)
     model = VRPSAM(backbone, VRPEncoder(num_queries=cfg.num_queries)).to(device)
@@ -123,13 +143,8 @@ def train(cfg: TrainConfig, records, backbone, run_dir: Path, command: str = "")
     row: dict = {}
     use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
     while step < cfg.max_steps:
-        batch = sampler.batch(cfg.batch_size)
-        b = Batch(*(x.to(device) if torch.is_tensor(x) else x for x in (
-            batch.ref_emb, batch.ref_mask, batch.tgt_emb, batch.tgt_mask, batch.present, batch.kinds)))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            pos = backbone.prompt_encoder.get_dense_pe()
-            tokens, presence = encoder(b.ref_emb[:, 0], mask_to_embedding_grid(b.ref_mask[:, 0]), b.tgt_emb, pos)
-            logits, _ = backbone.decode(b.tgt_emb, tokens)
+        b = batch_to(sampler.batch(cfg.batch_size), device)
+        logits, presence = forward_episodes(encoder, backbone, b, use_bf16)
         loss, metrics = losses(logits, presence, b, cfg.presence_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -166,7 +181,7 @@ def _checkpoint(cfg, model, opt, sampler, step, run_dir, rank, distributed, comm
     last = run_dir / "last"
     card = {"model": "VRP-SAM encoder", "backbone": model.backbone.id, "step": step,
             "trainable_parameters": sum(p.numel() for p in model.encoder.parameters()),
-            "config": asdict(cfg), "command": command, "git_revision": _git_revision(),
+            "config": asdict(cfg), "command": command, "git_revision": git_revision(),
             "world_size": dist.get_world_size() if distributed else 1}
     save_encoder(model.encoder, last, card)
     tmp = last / "state.pt.tmp"
