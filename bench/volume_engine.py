@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--method", default="engine", choices=["engine", "registration", "vrp"])
     ap.add_argument("--annotation", default="mask")
-    ap.add_argument("--localisation", default="scan", choices=["scan", "registration"])
+    ap.add_argument("--localisation", default="registration", choices=["scan", "registration"])
     ap.add_argument("--max-cases", type=int, default=None, help="test cases per set (all pairs are run)")
     ap.add_argument("--acdc-max-cases", type=int, default=6, help="ACDC has 40+ test volumes: a subset")
     ap.add_argument("--out", type=Path, required=True)

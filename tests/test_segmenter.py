@@ -115,7 +115,7 @@ def test_cleanup_closes_gaps_and_drops_components_away_from_the_seeds():
     m = np.zeros((20, 20, 10), bool)
     m[5:10, 5:10, 1:4] = True
     m[5:10, 5:10, 5:8] = True  # one missing slice (4) between two runs
-    m[15:18, 15:18, 1:3] = True  # a separate blob
+    m[15:18, 15:18, 7:9] = True  # a separate blob, away from the seed's component
     out = Segmenter._cleanup(m, seeds=[2], ax=2)
     assert out[5:10, 5:10, 4].all()  # gap closed
     assert not out[15:18, 15:18].any()  # blob not touching the seed's component dropped

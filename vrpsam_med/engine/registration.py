@@ -39,8 +39,11 @@ def register(fixed: Volume, moving: Volume, deformable: bool = False, seed: int 
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, 200, relaxationFactor=0.7)
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    # multi-resolution pyramid, without levels that would shrink the thinnest axis below 4 voxels
+    small = min(min(f.GetSize()), min(m.GetSize()))
+    pyramid = [(sf, sig) for sf, sig in ((4, 2), (2, 1)) if small // sf >= 4] + [(1, 0)]
+    reg.SetShrinkFactorsPerLevel([sf for sf, _ in pyramid])
+    reg.SetSmoothingSigmasPerLevel([sig for _, sig in pyramid])
     reg.SetInitialTransform(init, inPlace=False)
     affine = reg.Execute(f, m)
     if not deformable:

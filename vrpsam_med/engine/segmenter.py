@@ -12,8 +12,9 @@ How a structure is found in a volume:
    itself (mask), SAM's box segmentation (box), or the VRP prediction refined by a box pass
    (point, scribble). In any other volume the structure is *localised*: VRP-SAM is run on every
    ``scan_stride``-th slice, then on the neighbours of the best hit; the most confident slice seeds
-   (``localisation="scan"``). With ``localisation="registration"`` the reference volume is registered
-   to the target (affine, SimpleITK) and the warped reference mask gives the seed slice and its box.
+   (``localisation="scan"``). With ``localisation="registration"`` (the default: better on every
+   CHAOS organ, docs/benchmarks.md) the reference volume is registered to the target (affine,
+   SimpleITK) and the warped reference mask gives the seed slice and its box.
 2. **Propagation.** From each seed outward in both directions, slice by slice: the neighbour's mask
    gives a box prompt (LiteMedSAM's strongest prompt); the slice is "present" while the mask's
    embedding prototype looks like the reference's foreground and not like its background (cosine
@@ -27,6 +28,7 @@ Each slice is encoded at most once per Segmenter (embedding cache), for all stru
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ from vrpsam_med.models.vrp import VRPSAM
 from vrpsam_med.prompts import Annotation, AnnotationError, mask_box
 
 Progress = Callable[[int, int, str], None]  # (done, total, message)
+log = logging.getLogger(__name__)
 
 
 class SegmenterError(UsageError):
@@ -61,7 +64,7 @@ class SegmenterConfig:
     min_area_ratio: float = 0.05  # a propagated mask below this share of its neighbour's area ends the structure
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
     box_margin: float = 0.1  # the neighbour's box grows by this share of its size (at least 2 px) per side
-    localisation: str = "scan"  # other volumes: "scan" (VRP at a stride, refine) | "registration" (affine prior)
+    localisation: str = "registration"  # other volumes: "registration" (affine prior) | "scan" (VRP at a stride)
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
     refine_reference: bool = True  # point/scribble/box references: use the segmented reference slice as a mask
     cleanup: bool = True  # 3D connected components touching the seeds + closing of small gaps between slices
@@ -377,12 +380,13 @@ class Segmenter:
                 masks[k] = seed
                 conf[k] = 1.0
         else:
+            seeds = None
             if cfg.localisation == "registration":
                 seeds = self._localise_registration(st, volume, shape, ax, preset)
-            elif cfg.localisation == "scan":
-                seeds = self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset)
-            else:
+            elif cfg.localisation != "scan":
                 raise SegmenterError(f"unknown localisation {cfg.localisation!r}; use scan or registration")
+            if seeds is None:
+                seeds = self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset)
             for k, seed in seeds:
                 masks[k] = seed
                 emb = self.cache.get(volume, [k], ax, preset)[0]
@@ -474,8 +478,11 @@ class Segmenter:
         return [(best, seed if self._looks_like(st, emb[0], seed)[0] else m)]
 
     def _localise_registration(self, st: _Structure, volume: Volume, shape, ax, preset
-                               ) -> list[tuple[int, np.ndarray]]:
-        """Registration prior: warp the first reference's seed mask onto ``volume``; its largest slice seeds."""
+                               ) -> list[tuple[int, np.ndarray]] | None:
+        """Registration prior: warp the first reference's seed mask onto ``volume``; its largest slice seeds.
+
+        None when the registration itself fails (the caller then scans).
+        """
         from vrpsam_med.engine.registration import propagate_labels, register
 
         _, ref_vol, k_ref, seed = st.references[0]
@@ -485,7 +492,12 @@ class Segmenter:
         size = [1, 1, 1]
         size[ax] = 3
         ref_lab = ndimage.binary_dilation(ref_lab > 0, np.ones(size, bool)).astype(np.int16)
-        warped = propagate_labels(volume, ref_vol, ref_lab, register(volume, ref_vol)) > 0
+        try:
+            warped = propagate_labels(volume, ref_vol, ref_lab, register(volume, ref_vol)) > 0
+        except RuntimeError as exc:  # SimpleITK could not register (e.g. a few-slice scan): no prior
+            log.warning("%s: registration failed (%s); localising by scanning instead", volume.name,
+                        str(exc).strip().splitlines()[-1][:200])
+            return None
         areas = warped.sum(axis=tuple(a for a in range(3) if a != ax))
         if areas.max() == 0:
             return []
