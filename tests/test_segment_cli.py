@@ -62,7 +62,8 @@ def test_segment_dataset_target_box_annotation_names(capsys, data, tmp_path):
     """MSD dataset.json target (split), label names from dataset.json, box derived from the label."""
     out = tmp_path / "out"
     rc, stdout, err = _run(capsys, data, data["ds"] / "dataset.json", "--split", "test", *_ref(data),
-                           "--label", "brain", "--slice", SLICE, "--annotation", "box", "--out", out)
+                           "--label", "brain", "--slice", SLICE, "--annotation", "box", "--localisation", "scan",
+                           "--out", out)
     assert rc == 0, err
     assert "1 done, 0 failed" in stdout
     rep = json.loads((out / "other" / "other_report.json").read_text())
@@ -72,6 +73,7 @@ def test_segment_dataset_target_box_annotation_names(capsys, data, tmp_path):
     assert np.allclose(mask.affine, nib.load(data["other"]).affine) and mask.shape == nib.load(data["other"]).shape
     man = json.loads((out / "manifest.json").read_text())
     assert man["reference"]["names"] == ["brain"] and man["reference"]["annotation_kind"] == "box"
+    assert man["engine"]["localisation"] == "scan"
     # same output folder, another reference: refused instead of mixing runs
     rc, _, err = _run(capsys, data, data["other"], *_ref(data), "--label", "2", "--slice", SLICE, "--out", out)
     assert rc == 2

@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, metavar="N", help="LocalCluster worker processes with --dask (default 2)")
     p.add_argument("--overwrite", action="store_true", help="redo finished cases and replace their outputs")
     p.add_argument("--no-cleanup", action="store_true", help="no 3D clean-up (connected components, gap closing)")
+    p.add_argument("--localisation", choices=["registration", "scan"], default="registration",
+                   help="finding the structure in other patients: affine registration prior (default) or a "
+                        "VRP-SAM scan of every 4th slice (see docs/benchmarks.md)")
     p.add_argument("--model", type=Path, default=None, help="trained VRP model folder or RUN_DIR (default: shipped)")
     _add_input_options(p)
     _add_model_options(p)
@@ -434,7 +437,8 @@ def cmd_segment(args) -> int:
     engine = EngineSpec(backbone=args.backbone, checkpoint=str(args.checkpoint) if args.checkpoint else None,
                         model=str(args.model) if args.model else None, device=args.device,
                         precision=args.precision, cache_dir=None if str(args.cache_dir).lower() == "none"
-                        else str(args.cache_dir), cleanup=not args.no_cleanup)
+                        else str(args.cache_dir), cleanup=not args.no_cleanup,
+                        localisation=args.localisation)
     cases = enumerate_targets(targets, args.split, exclude=[args.out])
     if not cases:
         raise UsageError("no target scans")

@@ -89,6 +89,7 @@ class EngineSpec:
     precision: str = "auto"
     cache_dir: str | None = "default"
     cleanup: bool = True
+    localisation: str = "registration"  # other patients: "registration" (affine prior) | "scan"
     threads: int | None = None  # torch intra-op threads in each worker (None: leave as is)
 
 
@@ -236,7 +237,8 @@ def get_segmenter(spec: ReferenceSpec, engine: EngineSpec):
     from vrpsam_med.engine.segmenter import Segmenter, SegmenterConfig
 
     model, cache = _model(engine)
-    seg = Segmenter(model, cache=cache, config=SegmenterConfig(cleanup=engine.cleanup))
+    seg = Segmenter(model, cache=cache, config=SegmenterConfig(cleanup=engine.cleanup,
+                                                                localisation=engine.localisation))
     ref = load_reference(spec)
     for name, ann in ref.structures:
         seg.add_reference(ref.volume, ref.index, ann, name=name, axis=ref.axis, preset=spec.preset)
@@ -498,8 +500,9 @@ def run_cohort(spec: ReferenceSpec, engine: EngineSpec, targets: Sequence[Target
                 raise CohortError(f"{t.path}: --format dicom-seg needs DICOM series targets; use --format nifti")
     spec, ref = resolve_spec(spec)
     out = check_writable(out_dir)
-    run_key = hashlib.sha256(json.dumps([dataclasses.asdict(spec), engine.backbone, engine.checkpoint, engine.model,
-                                         engine.cleanup, fmt], sort_keys=True).encode()).hexdigest()[:16]
+    key = [dataclasses.asdict(spec), engine.backbone, engine.checkpoint, engine.model, engine.cleanup,
+           engine.localisation, fmt]
+    run_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     header = {"generator": f"vrpsam-med {__version__}", "run_key": run_key, "reference": dataclasses.asdict(spec),
               "structures": [n for n, _ in ref.structures],
               "engine": {k: v for k, v in dataclasses.asdict(engine).items() if k != "threads"}, "format": fmt}

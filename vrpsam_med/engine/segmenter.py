@@ -63,7 +63,7 @@ class SegmenterConfig:
     similarity_threshold: float = 0.6  # min cosine(mask prototype, reference foreground prototype) to be present
     min_area_ratio: float = 0.05  # a propagated mask below this share of its neighbour's area ends the structure
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
-    box_margin: float = 0.1  # the neighbour's box grows by this share of its size (at least 2 px) per side
+    box_margin: float = 0.03  # neighbour's box grows by this share of its size (min 2 px) per side; tuned on train
     localisation: str = "registration"  # other volumes: "registration" (affine prior) | "scan" (VRP at a stride)
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
     refine_reference: bool = True  # point/scribble/box references: use the segmented reference slice as a mask

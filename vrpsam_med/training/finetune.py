@@ -33,8 +33,7 @@ from vrpsam_med.models.lora import LORA_FILE, LoRALinear, lora_parameters, save_
 from vrpsam_med.models.vrp import VRPSAM, load_vrp
 from vrpsam_med.training.config import _build, merge_overrides, read_yaml
 from vrpsam_med.training.episodes import EpisodeConfig, EpisodeSampler
-from vrpsam_med.training.train import (batch_to, forward_episodes, git_revision, init_distributed, losses,
-                                       save_encoder)
+from vrpsam_med.training.train import batch_to, forward_episodes, git_revision, init_distributed, losses, save_encoder
 
 log = logging.getLogger(__name__)
 LOG_FIELDS = ["step", "seconds", "loss", "bce", "dice_loss", "presence", "dice", "val_dice"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from napari_vrpsam_med._coords import volume_to_layer
 
 #: Volume file suffixes read by :func:`vrpsam_med.io.load_volume` (lower case); keep in sync

@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from napari_vrpsam_med import _coords
-from napari_vrpsam_med._plot import ConfidencePlot
 from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
@@ -53,6 +51,8 @@ from qtpy.QtWidgets import (
 )
 from scipy import ndimage
 
+from napari_vrpsam_med import _coords
+from napari_vrpsam_med._plot import ConfidencePlot
 from vrpsam_med.prompts import Annotation
 
 if TYPE_CHECKING:  # pragma: no cover
