@@ -65,6 +65,7 @@ class SegmenterConfig:
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
     box_margin: float = 0.03  # neighbour's box grows by this share of its size (min 2 px) per side; tuned on train
     localisation: str = "registration"  # other volumes: "registration" (affine prior) | "scan" (VRP at a stride)
+    localised_box_margin: float = 0.03  # same, after a localised (not annotated) seed; 0.1 tied on train
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
     refine_reference: bool = True  # point/scribble/box references: use the segmented reference slice as a mask
     cleanup: bool = True  # 3D connected components touching the seeds + closing of small gaps between slices
@@ -282,11 +283,12 @@ class Segmenter:
             logits, iou = self.backbone.segment_boxes(emb, boxes, geom)
         return (logits > 0).cpu().numpy(), iou.cpu().numpy()
 
-    def _grow(self, box: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    def _grow(self, box: np.ndarray, shape: tuple[int, int], margin: float | None = None) -> np.ndarray:
         h, w = shape
         x0, y0, x1, y1 = box
-        mx = max(2.0, self.config.box_margin * (x1 - x0 + 1))
-        my = max(2.0, self.config.box_margin * (y1 - y0 + 1))
+        margin = self.config.box_margin if margin is None else margin
+        mx = max(2.0, margin * (x1 - x0 + 1))
+        my = max(2.0, margin * (y1 - y0 + 1))
         return np.array([max(0, x0 - mx), max(0, y0 - my), min(w - 1, x1 + mx), min(h - 1, y1 + my)])
 
     # -- segmentation -----------------------------------------------------------------------
@@ -391,6 +393,8 @@ class Segmenter:
                 masks[k] = seed
                 emb = self.cache.get(volume, [k], ax, preset)[0]
                 conf[k] = float(np.clip(self._looks_like(st, emb, seed)[1] / 0.3, 0, 1))
+        # a localised seed may be off; a wider box lets propagation recover the structure's extent
+        margin = cfg.box_margin if same else cfg.localised_box_margin
         # 2. propagation, outward from every seed
         for k0, _ in seeds:
             for step in (-1, 1):
@@ -403,7 +407,8 @@ class Segmenter:
                         continue
                     if not prev.any():  # no neighbour mask to follow: VRP alone
                         vrp([k])
-                    mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset)
+                    mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset,
+                                                     margin)
                     conf[k] = pk
                     if progress:
                         progress(int(np.isfinite(conf).sum()), n, "slices")
@@ -428,7 +433,7 @@ class Segmenter:
 
     def _propagate_one(self, st: _Structure, volume: Volume, k: int, prev: np.ndarray,
                        vrp_out: tuple[np.ndarray, float, float] | None, shape: tuple[int, int], ax: int,
-                       preset: str | None) -> tuple[np.ndarray, float, bool]:
+                       preset: str | None, margin: float | None = None) -> tuple[np.ndarray, float, bool]:
         """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
 
         Confidence = SAM's predicted IoU x how clearly the mask looks like the reference's foreground
@@ -439,12 +444,12 @@ class Segmenter:
         if not prev.any():
             mask, iou = vrp_out[0], vrp_out[2]
         else:
-            bmask, biou = self._box_decode(emb, self._grow(mask_box(prev), shape)[None], shape)
+            bmask, biou = self._box_decode(emb, self._grow(mask_box(prev), shape, margin)[None], shape)
             mask, iou = bmask[0], float(biou[0])
-        looks, margin = self._looks_like(st, emb[0], mask)
+        looks, similarity_margin = self._looks_like(st, emb[0], mask)
         area_ok = mask.sum() >= cfg.min_area_ratio * max(prev.sum(), 1)
         ok = bool(looks and area_ok)
-        conf = float(np.clip(iou, 0, 1) * np.clip(margin / 0.3, 0, 1))
+        conf = float(np.clip(iou, 0, 1) * np.clip(similarity_margin / 0.3, 0, 1))
         return mask, conf, ok
 
     def _localise(self, st: _Structure, volume: Volume, n: int, vrp, vrp_cache, shape, ax, preset
