@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from vrp_eval import DATA, SETS  # the same data root and structures as the other benchmarks
 
 from vrpsam_med.engine.reference import ReferencePredictor
 from vrpsam_med.engine.segmenter import SegmenterConfig
@@ -25,11 +26,6 @@ from vrpsam_med.io.msd import MSDDataset
 from vrpsam_med.models.backbones import load_backbone
 from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.models.vrp import load_vrp
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-SETS = {"chaos_mr_t2": ["liver", "spleen", "right_kidney", "left_kidney"],
-        "btcv_ct": ["liver", "spleen", "right_kidney", "left_kidney"],
-        "acdc_cine_mr": ["left_ventricle", "right_ventricle", "myocardium"]}
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "xcb")  # before any Qt import; offscreen crashes vispy
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 
 pytest.importorskip("napari_vrpsam_med", reason="plugin not installed: pip install -e ./napari_plugin --no-deps")
 
+from _viewer import needs_viewer  # noqa: E402
 from napari_vrpsam_med import get_reader  # noqa: E402
 from napari_vrpsam_med._reader import layer_name  # noqa: E402
 
@@ -35,19 +35,6 @@ PLUGIN = "napari-vrpsam-med"
 pytestmark = pytest.mark.napari
 
 
-def _viewer_unavailable() -> str:
-    """Why viewer tests cannot run here ('' when they can). Evaluated at collection, i.e. after
-    pytest-xvfb has set DISPLAY and before any fixture creates a QApplication (which would
-    abort the whole interpreter without a display)."""
-    missing = [m for m in ("napari", "pytestqt") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"needs {', '.join(missing)} (pip install 'napari[pyqt6]' pytest-qt)"
-    if os.environ.get("QT_QPA_PLATFORM") == "xcb" and not os.environ.get("DISPLAY"):
-        return "no X display: install Xvfb (.ci/install_system.sh) and pytest-xvfb, or use xvfb-run"
-    return ""
-
-
-needs_viewer = pytest.mark.skipif(bool(_viewer_unavailable()), reason=_viewer_unavailable() or "-")
 
 
 def _load(path: Path):

@@ -12,7 +12,6 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "xcb")  # before any Qt import; offscreen Qt crashes in vispy here
 
-import importlib.util
 import json
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari_vrpsam_med", reason="plugin not installed: pip install -e ./napari_plugin --no-deps")
+
+from _viewer import needs_viewer  # noqa: E402
 
 from vrpsam_med.io.volume import Volume, get_slice, set_slice  # noqa: E402
 from vrpsam_med.prompts import Annotation  # noqa: E402
@@ -35,17 +36,6 @@ LIVER_BOX = (107, 196, 269, 374)
 pytestmark = pytest.mark.napari
 
 
-def _viewer_unavailable() -> str:
-    """Why viewer tests cannot run here ('' when they can); see test_reader.py."""
-    missing = [m for m in ("napari", "pytestqt") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"needs {', '.join(missing)} (pip install 'napari[pyqt6]' pytest-qt)"
-    if os.environ.get("QT_QPA_PLATFORM") == "xcb" and not os.environ.get("DISPLAY"):
-        return "no X display: install Xvfb (.ci/install_system.sh) and pytest-xvfb, or use xvfb-run"
-    return ""
-
-
-needs_viewer = pytest.mark.skipif(bool(_viewer_unavailable()), reason=_viewer_unavailable() or "-")
 
 
 class Asked:

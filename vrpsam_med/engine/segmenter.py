@@ -357,7 +357,7 @@ class Segmenter:
         refs = [r[0] for r in st.references]
         conf = np.full(n, np.nan, np.float32)
         masks: dict[int, np.ndarray] = {}
-        vrp_cache: dict[int, tuple[np.ndarray, float, float]] = {}
+        vrp_cache: dict[int, tuple[np.ndarray, float, float, float]] = {}  # mask, presence, IoU, seed score
 
         def stop() -> None:
             if should_stop is not None and should_stop():
@@ -368,9 +368,12 @@ class Segmenter:
             for s in range(0, len(todo), cfg.batch_size):
                 stop()
                 chunk = todo[s:s + cfg.batch_size]
-                m, p, q = self._vrp(refs, self.cache.get(volume, chunk, ax, preset), shape)
-                for k, mk, pk, qk in zip(chunk, m, p, q):
-                    vrp_cache[k] = (mk, float(pk), float(qk))
+                emb = self.cache.get(volume, chunk, ax, preset)
+                m, p, q = self._vrp(refs, emb, shape)
+                for k, e, mk, pk, qk in zip(chunk, emb, m, p, q):
+                    # seed score: SAM's IoU estimate x prototype margin (-1 when the mask does not look right)
+                    looks, margin = self._looks_like(st, e, mk)
+                    vrp_cache[k] = (mk, float(pk), float(qk), max(float(qk), 0.0) * margin if looks else -1.0)
                 if progress:
                     progress(int(np.isfinite(conf).sum()) + len(vrp_cache), n, "slices")
 
@@ -432,7 +435,7 @@ class Segmenter:
         return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], visited), mask3d
 
     def _propagate_one(self, st: _Structure, volume: Volume, k: int, prev: np.ndarray,
-                       vrp_out: tuple[np.ndarray, float, float] | None, shape: tuple[int, int], ax: int,
+                       vrp_out: tuple[np.ndarray, float, float, float] | None, shape: tuple[int, int], ax: int,
                        preset: str | None, margin: float | None = None) -> tuple[np.ndarray, float, bool]:
         """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
 
@@ -460,22 +463,15 @@ class Segmenter:
         mask must look like the reference's foreground, not its background); the best slice seeds.
         """
         cfg = self.config
-        scores: dict[int, float] = {}
 
-        def score_all() -> None:
-            for k in vrp_cache:
-                if k not in scores:
-                    m, _, q = vrp_cache[k]
-                    looks, margin = self._looks_like(st, self.cache.get(volume, [k], ax, preset)[0], m)
-                    scores[k] = max(q, 0.0) * margin if looks else -1.0
+        def best_hit() -> int:
+            return max(vrp_cache, key=lambda k: vrp_cache[k][3])
 
         vrp(list(range(0, n, max(1, cfg.scan_stride))))
-        score_all()
-        best = max(scores, key=scores.get)
+        best = best_hit()
         vrp([j for j in range(best - cfg.scan_stride + 1, best + cfg.scan_stride) if 0 <= j < n])
-        score_all()
-        best = max(scores, key=scores.get)
-        if scores[best] <= 0:
+        best = best_hit()
+        if vrp_cache[best][3] <= 0:
             return []
         m = vrp_cache[best][0]
         emb = self.cache.get(volume, [best], ax, preset)

@@ -33,7 +33,15 @@ from vrpsam_med.models.lora import LORA_FILE, LoRALinear, lora_parameters, save_
 from vrpsam_med.models.vrp import VRPSAM, load_vrp
 from vrpsam_med.training.config import _build, merge_overrides, read_yaml
 from vrpsam_med.training.episodes import EpisodeConfig, EpisodeSampler
-from vrpsam_med.training.train import batch_to, forward_episodes, git_revision, init_distributed, losses, save_encoder
+from vrpsam_med.training.train import (
+    batch_to,
+    forward_episodes,
+    gather_sampler_states,
+    git_revision,
+    init_distributed,
+    losses,
+    save_encoder,
+)
 
 log = logging.getLogger(__name__)
 LOG_FIELDS = ["step", "seconds", "loss", "bce", "dice_loss", "presence", "dice", "val_dice"]
@@ -318,7 +326,8 @@ def finetune(cfg: FinetuneConfig, records: list, val_ds: MSDDataset, cache: Embe
         sampler.set_state(json.loads(state["sampler"][rank]))
         torch.set_rng_state(state["torch_rng"])
         progress = json.loads(state["progress"])
-        step, history, best_step, bad, stopped = (progress[k] for k in ("step", "history", "best_step", "bad", "stopped"))
+        keys = ("step", "history", "best_step", "bad", "stopped")
+        step, history, best_step, bad, stopped = (progress[k] for k in keys)
         if rank == 0:
             log.warning("resumed %s at step %d", run_dir, step)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -388,11 +397,7 @@ def finetune(cfg: FinetuneConfig, records: list, val_ds: MSDDataset, cache: Embe
 
 def _checkpoint(model, opt, sampler, run_dir: Path, rank: int, distributed: bool, card_base: dict,
                 progress: dict) -> None:
-    states = [json.dumps(sampler.state())]
-    if distributed:
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, states[0])
-        states = gathered
+    states = gather_sampler_states(sampler, distributed)
     if rank != 0:
         return
     last = run_dir / "last"

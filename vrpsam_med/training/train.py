@@ -170,12 +170,18 @@ def train(cfg: TrainConfig, records, backbone, run_dir: Path, command: str = "")
     return row
 
 
-def _checkpoint(cfg, model, opt, sampler, step, run_dir, rank, distributed, command) -> None:
+def gather_sampler_states(sampler, distributed: bool) -> list[str]:
+    """Every rank's sampler state (JSON), in rank order; a collective call under DDP."""
     states = [json.dumps(sampler.state())]
     if distributed:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, states[0])
         states = gathered
+    return states
+
+
+def _checkpoint(cfg, model, opt, sampler, step, run_dir, rank, distributed, command) -> None:
+    states = gather_sampler_states(sampler, distributed)
     if rank != 0:
         return
     last = run_dir / "last"
