@@ -155,6 +155,19 @@ def test_csv_input_and_bad_labels(env, tmp_path):
         open_source(tmp_path / "x.csv")
 
 
+def test_finetune_on_dicom_series_with_seg_files(env, tmp_path):
+    """A hospital folder (<patient>/image/ DICOM series + <patient>_seg.dcm) trains like an MSD folder."""
+    from vrpsam_med.training.synthetic import write_synthetic_dicom
+
+    data = write_synthetic_dicom(tmp_path / "hospital", n_patients=4, shape=SHAPE)
+    run = tmp_path / "run"
+    assert _cli("finetune", "--dataset", str(data), "--out", str(run), "--steps", "2",
+                "--cache-dir", str(env["cache"]), "--device", "cpu", *FAST) == 0
+    assert len((run / "log.csv").read_text().splitlines()) >= 2
+    card = json.loads((run / "last" / "model_card.json").read_text())
+    assert "hospital" in json.dumps(card) and (run / "last" / "vrp_encoder.safetensors").is_file()
+
+
 def test_cli_refuses_bad_input_with_one_line(env, tmp_path, capsys):
     rc = _cli("finetune", "--dataset", str(tmp_path / "missing"), "--out", str(tmp_path / "r"),
               "--cache-dir", str(env["cache"]))

@@ -164,3 +164,39 @@ def test_segment_with_annotation_file(capsys, data, tmp_path):
     assert rep["labels"] == {"1": "brain"} and rep["extra"]["reference"]["annotation"] == "point"
     assert rep["extra"]["reference"]["slice"] == SLICE and rep["extra"]["reference"]["annotation_file"] == str(ann)
     assert nib.load(out / "other" / "other_seg.nii.gz").shape == nib.load(data["other"]).shape
+
+
+def test_dicom_seg_reference_to_dicom_seg_cohort(capsys, data, tmp_path):
+    """Hospital round trip: DICOM series + DICOM SEG reference -> other patients' series -> DICOM SEG outputs."""
+    from vrpsam_med.evaluation.metrics import dice_3d
+    from vrpsam_med.io.dicom_seg import read_dicom_seg
+    from vrpsam_med.io.readers import load_volume
+    from vrpsam_med.training.synthetic import write_synthetic_dicom
+
+    h = write_synthetic_dicom(tmp_path / "hospital", n_patients=2, shape=(64, 64, 8))
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, data, h / "SYN000" / "image", h / "SYN001" / "image",
+                      "--reference", h / "SYN000" / "image", "--reference-label", h / "SYN000" / "SYN000_seg.dcm",
+                      "--label", "1", "--slice", "4", "--format", "dicom-seg", "--out", out)
+    assert rc == 0, err
+    segs = sorted(out.rglob("*_seg.dcm"))
+    assert len(segs) == 2, segs
+    for pid in ("SYN000", "SYN001"):  # each output SEG references its own patient's series
+        vol = load_volume(h / pid / "image")
+        got = [read_dicom_seg(s, vol, {"organ": 1}) for s in segs if _refers_to(s, vol)]
+        assert len(got) == 1, (pid, segs)
+        if pid == "SYN000":  # the reference patient itself: the whole organ from one annotated slice
+            truth = read_dicom_seg(h / pid / f"{pid}_seg.dcm", vol, {"organ": 1})
+            assert dice_3d(got[0] == 1, truth == 1) > 0.9
+    # a SEG label with a segment number it does not have: one line naming the SEG
+    rc, _, err = _run(capsys, data, h / "SYN001" / "image", "--reference", h / "SYN000" / "image",
+                      "--reference-label", h / "SYN000" / "SYN000_seg.dcm", "--label", "7", "--slice", "4",
+                      "--out", tmp_path / "out2")
+    assert rc == 2
+    _assert_one_line(err, "SYN000_seg.dcm", "label 7")
+
+
+def _refers_to(seg_path, vol) -> bool:
+    from vrpsam_med.io.dicom_seg import read_seg_header
+
+    return read_seg_header(seg_path).series_uid == vol.series_uid

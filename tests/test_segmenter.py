@@ -141,3 +141,45 @@ def test_bad_use_is_refused_with_clear_errors(model_and_cache):
     seg2.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1))
     with pytest.raises(SegmenterError, match="unknown localisation"):
         seg2.segment(phantom(shift=3)[0])
+
+
+def ring_phantom(n: int = 10) -> tuple[Volume, np.ndarray]:
+    """A dark wall (label 1) around a bright cavity (label 2) in mid-grey tissue, like the myocardium."""
+    shape = (80, 80, n)
+    x, y, z = np.mgrid[: shape[0], : shape[1], : shape[2]]
+    r = np.hypot(x - 40, y - 38)
+    inside = (z >= 2) & (z <= n - 3)
+    cavity = (r <= 12) & inside
+    wall = (r > 12) & (r <= 18) & inside
+    img = np.where(cavity, 230.0, np.where(wall, 40.0, 130.0)) + np.random.default_rng(0).normal(0, 4, shape)
+    lab = np.zeros(shape, np.uint8)
+    lab[wall], lab[cavity] = 1, 2
+    return Volume(img.astype(np.float32), np.diag([-1.5, -1.5, 4.0, 1.0]), modality="MR"), lab
+
+
+def test_hole_finds_rings_not_discs_or_open_shapes():
+    from vrpsam_med.engine.segmenter import _hole
+
+    _, lab = ring_phantom()
+    ring = get_slice(lab, 4) == 1
+    assert _hole(ring, 0.1).sum() == (get_slice(lab, 4) == 2).sum()
+    assert not _hole(ring | (get_slice(lab, 4) == 2), 0.1).any()  # a filled disc
+    open_ring = ring.copy()
+    open_ring[38:, 30:46] = False  # cut the wall: a C shape encloses nothing
+    assert not _hole(open_ring, 0.1).any()
+    assert _hole(open_ring, 0.1, hull=True).sum() > 0.9 * (get_slice(lab, 4) == 2).sum()  # propagation's view
+    assert not _hole(ring, 5.0).any()  # hole too small for the threshold
+
+
+def test_ring_structures_keep_their_hole(model_and_cache):
+    vol, lab = ring_phantom()
+    dice = {}
+    for ring_min_hole in (0.1, 2.0):  # 2.0: ring handling off
+        seg = make(model_and_cache, ring_min_hole=ring_min_hole)
+        seg.add_reference(vol, 5, Annotation.from_mask(get_slice(lab, 5) == 1), name="wall")
+        pred = seg.segment(vol).labels == 1
+        dice[ring_min_hole] = dice_3d(pred, lab == 1)
+        if ring_min_hole == 0.1:
+            assert (pred & (lab == 2)).sum() < 0.1 * (lab == 2).sum()  # the cavity stays empty
+    assert dice[0.1] >= 0.7, dice
+    assert dice[0.1] > dice[2.0] + 0.1, dice

@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", type=Path, required=True, metavar="IMAGE", help="the annotated reference scan")
     ref = p.add_mutually_exclusive_group(required=True)
     ref.add_argument("--reference-label", type=Path, default=None, metavar="LABELS",
-                     help="label volume of the reference scan")
+                     help="label volume of the reference scan, or a DICOM SEG on its series "
+                          "(then --label takes segment numbers)")
     ref.add_argument("--annotation-file", type=Path, default=None, metavar="FILE",
                      help="JSON (points/box/scribbles/polygon, voxel or world mm), 2D mask image or mask volume; "
                           "see docs/annotation_files.md")

@@ -164,11 +164,18 @@ def load_reference(spec: ReferenceSpec) -> Reference:
     if spec.slice_index is None:
         raise CohortError(f"{spec.label_path}: give the reference slice (--slice)")
     k = int(spec.slice_index)
-    lab = load_volume(spec.label_path)
-    if lab.shape != volume.shape or not np.allclose(lab.affine, volume.affine, atol=1e-3):
-        raise CohortError(f"{spec.label_path}: label grid {lab.shape} does not match the reference image "
-                          f"{volume.shape}")
-    arr = np.rint(lab.array).astype(np.int64)
+    from vrpsam_med.io.dicom_seg import is_dicom_seg, read_dicom_seg, read_seg_header
+
+    known = dataset_labels(spec.image)
+    if is_dicom_seg(spec.label_path):  # label values = segment numbers, names = segment labels
+        arr = read_dicom_seg(spec.label_path, volume).astype(np.int64)
+        known = read_seg_header(spec.label_path).segments
+    else:
+        lab = load_volume(spec.label_path)
+        if lab.shape != volume.shape or not np.allclose(lab.affine, volume.affine, atol=1e-3):
+            raise CohortError(f"{spec.label_path}: label grid {lab.shape} does not match the reference image "
+                              f"{volume.shape}")
+        arr = np.rint(lab.array).astype(np.int64)
     in_volume = sorted(int(v) for v in np.unique(arr) if v != 0)
     sl = get_slice(arr, k, ax)
     values = list(spec.labels) or sorted(int(v) for v in np.unique(sl) if v != 0)
@@ -176,7 +183,6 @@ def load_reference(spec: ReferenceSpec) -> Reference:
         raise AnnotationError(f"{spec.label_path}: no label on {ax} slice {k} (empty annotation)")
     if len(spec.names) not in (0, len(values)):
         raise CohortError(f"{spec.label_path}: {len(spec.names)} names for {len(values)} labels")
-    known = dataset_labels(spec.image)
     structures = []
     for i, v in enumerate(values):
         if v not in in_volume:

@@ -16,7 +16,8 @@ from vrpsam_med.io.volume import Volume
 class Case:
     case_id: str
     image: Path
-    label: Path | None
+    label: Path | None  # NIfTI/NRRD/MHA label volume, or a DICOM SEG file on the image series
+    series_uid: str | None = None  # the DICOM series to load when ``image`` is a folder of several
 
 
 @dataclass
@@ -98,9 +99,13 @@ class MSDDataset:
         """Image volume and its integer label array (same canonical grid), or None without labels."""
         from vrpsam_med.io.readers import load_volume
 
-        image = load_volume(case.image, modality=self.modality)
+        image = load_volume(case.image, modality=self.modality, series_uid=case.series_uid)
         if case.label is None:
             return image, None
+        from vrpsam_med.io.dicom_seg import is_dicom_seg, read_dicom_seg
+
+        if is_dicom_seg(case.label):  # segments matched to the dataset's structures by name
+            return image, read_dicom_seg(case.label, image, {n: v for v, n in self.labels.items()})
         lab = load_volume(case.label)
         if lab.shape != image.shape or not np.allclose(lab.affine, image.affine, atol=1e-3):
             raise VolumeError(f"{case.label}: label grid {lab.shape} does not match its image {image.shape}")

@@ -90,6 +90,13 @@ def to_source_grid(array: np.ndarray, like: Volume) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def from_source_grid(array: np.ndarray, like: Volume) -> np.ndarray:
+    """The file's own voxel order (``like.source_affine``) -> canonical (LPS) array: inverse of to_source_grid."""
+    src_aff = like.source_affine if like.source_affine is not None else like.affine
+    t = nib.orientations.ornt_transform(nib.io_orientation(src_aff), nib.io_orientation(like.affine))
+    return nib.orientations.apply_orientation(array, t)
+
+
 def _label_table(label_names: Mapping[int, str] | None, present: Iterable[int]) -> dict[int, str]:
     names = {int(k): str(v) for k, v in (label_names or {}).items() if int(k) != 0}
     for v in present:
@@ -194,6 +201,27 @@ def _source_datasets(like: Volume, out: Path) -> list:
     return datasets
 
 
+def ordered_source_datasets(like: Volume, out: Path, n_slices: int) -> list:
+    """The source series' headers in the order of its own voxel grid's slices (what a SEG's frames reference)."""
+    datasets = _source_datasets(like, out)
+    if len(datasets) != n_slices:
+        raise VolumeError(f"{out}: {len(datasets)} source files for {n_slices} slices; reload the series")
+    src_aff = np.asarray(like.source_affine, dtype=np.float64)
+    inv = np.linalg.inv(src_aff)
+    order: list[tuple[int, Any]] = []
+    for ds in datasets:
+        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+        ijk = inv @ np.array([-ipp[0], -ipp[1], ipp[2], 1.0])  # LPS -> RAS, then world -> source voxel
+        k = int(round(ijk[2]))
+        if not (abs(ijk[0]) < 0.01 and abs(ijk[1]) < 0.01 and abs(ijk[2] - k) < 0.01 and 0 <= k < n_slices):
+            raise VolumeError(f"{out}: source slice position {ipp.tolist()} is not on the volume grid; reload the series")
+        order.append((k, ds))
+    order.sort(key=lambda t: t[0])
+    if [k for k, _ in order] != list(range(n_slices)):
+        raise VolumeError(f"{out}: source files do not cover every slice once; reload the series")
+    return [ds for _, ds in order]
+
+
 def write_dicom_seg(mask: np.ndarray, like: Volume, out: str | os.PathLike,
                     label_names: Mapping[int, str] | None = None, overwrite: bool = False, *,
                     protect: Iterable[str | os.PathLike] = (), omit_empty_frames: bool = True) -> Path:
@@ -230,23 +258,7 @@ def write_dicom_seg(mask: np.ndarray, like: Volume, out: str | os.PathLike,
     seg_numbers = lut[labels]
 
     src = to_source_grid(seg_numbers, like)  # (x, y, slice) in the series' own order
-    datasets = _source_datasets(like, out)
-    if len(datasets) != src.shape[2]:
-        raise VolumeError(f"{out}: {len(datasets)} source files for {src.shape[2]} slices; reload the series")
-    src_aff = np.asarray(like.source_affine, dtype=np.float64)
-    inv = np.linalg.inv(src_aff)
-    order: list[tuple[int, Any]] = []
-    for ds in datasets:
-        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
-        ijk = inv @ np.array([-ipp[0], -ipp[1], ipp[2], 1.0])  # LPS -> RAS, then world -> source voxel
-        k = int(round(ijk[2]))
-        if not (abs(ijk[0]) < 0.01 and abs(ijk[1]) < 0.01 and abs(ijk[2] - k) < 0.01 and 0 <= k < src.shape[2]):
-            raise VolumeError(f"{out}: source slice position {ipp.tolist()} is not on the volume grid; reload the series")
-        order.append((k, ds))
-    order.sort(key=lambda t: t[0])
-    if [k for k, _ in order] != list(range(src.shape[2])):
-        raise VolumeError(f"{out}: source files do not cover every slice once; reload the series")
-    source_images = [ds for _, ds in order]
+    source_images = ordered_source_datasets(like, out, src.shape[2])
     rows, cols = int(source_images[0].Rows), int(source_images[0].Columns)
     if (src.shape[1], src.shape[0]) != (rows, cols):
         raise VolumeError(f"{out}: mask slices are {src.shape[1]}x{src.shape[0]}, source images {rows}x{cols}")

@@ -1,9 +1,10 @@
 """Fine-tuning inputs -> one :class:`MSDDataset`, checked, and split by patient.
 
-Accepted ``DIR``: an MSD/nnU-Net folder (``dataset.json`` + imagesTr/labelsTr) or a CSV file with
+Accepted ``DIR``: an MSD/nnU-Net folder (``dataset.json`` + imagesTr/labelsTr), a CSV file with
 ``image,label`` columns (header required; relative paths are relative to the CSV's folder; an
-optional ``case_id`` column names the cases). A folder of DICOM series with DICOM SEG files is
-recognised and refused ("not supported yet"): convert it to NIfTI first (docs/finetune.md).
+optional ``case_id`` column names the cases; a label may be a DICOM SEG), or a folder of DICOM
+series with DICOM SEG files (each SEG is one case on the series it references; segments are matched
+to structures by their segment label; one patient = one PatientID).
 """
 from __future__ import annotations
 
@@ -29,15 +30,54 @@ def open_source(path: str | Path, label_names: dict | None = None, modality: str
     if path.is_file() and path.suffix.lower() == ".csv":
         return _from_csv(path, label_names, modality)
     if path.is_dir():
-        from vrpsam_med.io.dicom import scan_folder
+        series = _dicom_series(path)
+        if series:
+            return _from_dicom(path, series)
+        raise UsageError(f"{path}: no dataset.json here (expected an MSD/nnU-Net folder, a CSV of image,label, "
+                         "or a folder of DICOM series with DICOM SEG files)")
+    raise UsageError(f"{path}: not found, or not an MSD folder / .csv file / DICOM folder")
 
-        series, _ = scan_folder(path)
-        if any(not s.is_image for s in series):
-            raise UsageError(f"{path}: DICOM series with DICOM SEG labels are not supported yet by finetune; "
-                             "convert them to an MSD folder or list NIfTI image,label pairs in a CSV "
-                             "(docs/finetune.md)")
-        raise UsageError(f"{path}: no dataset.json here (expected an MSD/nnU-Net folder or a CSV of image,label)")
-    raise UsageError(f"{path}: not found, or not an MSD folder / .csv file")
+
+def _dicom_series(path: Path) -> list:
+    """DICOM series in ``path``, its patient subfolders, and one level below those (``<patient>/<series>/``)."""
+    from vrpsam_med.io.dicom import scan_folder
+    from vrpsam_med.io.errors import VolumeError
+
+    found: dict[str, object] = {}
+    for folder in [path, *sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))]:
+        try:
+            series, _ = scan_folder(folder)
+        except VolumeError:  # no DICOM files there
+            continue
+        for s in series:
+            if s.uid not in found or s.n_files > found[s.uid].n_files:
+                found[s.uid] = s
+    return list(found.values())
+
+
+def _from_dicom(path: Path, series: list) -> MSDDataset:
+    """A folder of DICOM image series + DICOM SEG files -> one case per SEG (``<PatientID>_tp<n>``)."""
+    from vrpsam_med.io.dicom_seg import read_seg_header
+
+    images = {s.uid: s for s in series if s.is_image}
+    seg_files = [f for s in series if not s.is_image and s.modality.upper() == "SEG" for f in s.files]
+    if not seg_files:
+        raise UsageError(f"{path}: DICOM series but no DICOM SEG files: nothing to train on (labels are needed)")
+    headers = [read_seg_header(f) for f in sorted(seg_files)]
+    names = sorted({n for h in headers for n in h.segments.values()})
+    cases, seen = [], {}
+    for h in headers:
+        img = images.get(h.series_uid)
+        if img is None:
+            raise UsageError(f"{h.path}: its image series {h.series_uid} is not in {path}")
+        pid = "".join(c if c.isalnum() or c in "-." else "_" for c in (h.patient_id or img.uid))
+        seen[pid] = seen.get(pid, 0) + 1
+        folder = img.folder or img.files[0].parent
+        cases.append(Case(f"{pid}_tp{seen[pid]}", folder, h.path, series_uid=img.uid))
+    modalities = {images[h.series_uid].modality.upper() for h in headers}
+    modality = modalities.pop() if len(modalities) == 1 else "unknown"
+    return MSDDataset(path, path.name, {"MR": "MR", "CT": "CT"}.get(modality, "unknown"),
+                      {i + 1: n for i, n in enumerate(names)}, None, cases)
 
 
 def _from_csv(path: Path, label_names: dict | None, modality: str) -> MSDDataset:

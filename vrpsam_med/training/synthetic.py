@@ -44,3 +44,49 @@ def write_synthetic_msd(root: str | Path, n_patients: int = 5, shape: tuple[int,
             "numTraining": n_patients, "training": training}
     (root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return root
+
+
+def write_synthetic_dicom(root: str | Path, n_patients: int = 4, shape: tuple[int, int, int] = (48, 48, 4),
+                          seed: int = 0) -> Path:
+    """The synthetic cases as a hospital-style folder: ``root/<patient>/image/`` (an MR DICOM series,
+    one file per slice) and ``root/<patient>/<patient>_seg.dcm`` (a DICOM SEG of "organ" and "lesion")."""
+    import tempfile
+
+    import SimpleITK as sitk
+
+    from vrpsam_med.io.dicom import derived_uid
+    from vrpsam_med.io.readers import load_volume
+    from vrpsam_med.io.writers import write_dicom_seg
+
+    root = Path(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        msd = write_synthetic_msd(Path(tmp) / "msd", n_patients, shape, seed)
+        for k in range(n_patients):
+            pid = f"SYN{k:03d}"
+            img = sitk.ReadImage(str(msd / "imagesTr" / f"case_{k:02d}.nii.gz"))
+            img = sitk.Cast(sitk.RescaleIntensity(img, 0, 4000), sitk.sitkInt16)
+            series_dir = root / pid / "image"
+            series_dir.mkdir(parents=True, exist_ok=True)
+            study, series = derived_uid("study", pid), derived_uid("series", pid)
+            direction = img.GetDirection()
+            iop = "\\".join(f"{v:.6f}" for v in (direction[0], direction[3], direction[6],
+                                                   direction[1], direction[4], direction[7]))
+            for z in range(img.GetDepth()):
+                sl = img[:, :, z]
+                tags = {"0008|0060": "MR", "0008|0016": "1.2.840.10008.5.1.4.1.1.4",
+                        "0008|0018": derived_uid("instance", pid, z), "0010|0010": f"Synthetic^{pid}", "0010|0020": pid,
+                        "0020|000d": study, "0020|000e": series, "0020|0011": "1", "0020|0013": str(z + 1),
+                        "0020|0052": derived_uid("frame", pid), "0020|0037": iop,
+                        "0020|0032": "\\".join(f"{v:.4f}" for v in img.TransformIndexToPhysicalPoint((0, 0, z))),
+                        "0018|0050": f"{img.GetSpacing()[2]:.4f}", "0008|103e": "synthetic T2"}
+                for key, value in tags.items():
+                    sl.SetMetaData(key, value)
+                writer = sitk.ImageFileWriter()
+                writer.KeepOriginalImageUIDOn()
+                writer.SetFileName(str(series_dir / f"{z + 1:04d}.dcm"))
+                writer.Execute(sl)
+            vol = load_volume(series_dir)
+            lab = load_volume(msd / "labelsTr" / f"case_{k:02d}.nii.gz")
+            write_dicom_seg(np.rint(lab.array).astype(np.int16), vol, root / pid / f"{pid}_seg.dcm",
+                            {1: "organ", 2: "lesion"})
+    return root
