@@ -183,3 +183,40 @@ def test_ring_structures_keep_their_hole(model_and_cache):
             assert (pred & (lab == 2)).sum() < 0.1 * (lab == 2).sum()  # the cavity stays empty
     assert dice[0.1] >= 0.7, dice
     assert dice[0.1] > dice[2.0] + 0.1, dice
+
+
+def test_registration_prior_is_the_reference_structure_and_follows_new_references(model_and_cache):
+    vol, lab = phantom()
+    other, olab = phantom(shift=5)
+    seg = make(model_and_cache)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    st = seg._structures["ball"]
+    assert st.atlas is None
+    seg.segment(other)
+    # the atlas is the ball segmented through the reference volume, not the one annotated slice
+    assert st.atlas is not None and dice_3d(st.atlas, lab == 1) > 0.8
+    seg.add_reference(vol, 8, Annotation.from_mask(get_slice(lab, 8) == 1), name="ball")
+    assert st.atlas is None  # a new reference re-segments the reference volume next time
+
+
+def test_sweep_finds_the_structure_along_the_axis(model_and_cache):
+    """When registration puts the prior on the wrong slices, its box swept along the axis finds the ball."""
+    vol, lab = phantom()
+    seg = make(model_and_cache, scan_stride=3)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    st = seg._structures["ball"]
+    found = seg._sweep(st, vol, get_slice(lab, 6) == 1, get_slice(lab, 6).shape, 2, None, None)
+    assert found is not None and 3 <= found[0] <= 10
+    assert dice_3d(found[1], get_slice(lab, found[0]) == 1) > 0.7
+    empty = Volume(np.random.default_rng(1).normal(25, 4, vol.shape).astype(np.float32), vol.affine, modality="MR")
+    assert seg._sweep(st, empty, get_slice(lab, 6) == 1, get_slice(lab, 6).shape, 2, None, None) is None
+
+
+def test_shift_moves_without_wrapping():
+    from vrpsam_med.engine.segmenter import _shift
+
+    a = np.zeros((2, 2, 6), bool)
+    a[..., 1:3] = True
+    assert _shift(a, 2, 2)[0, 0].tolist() == [False, False, False, True, True, False]
+    assert _shift(a, -2, 2)[0, 0].tolist() == [True, False, False, False, False, False]
+    assert not _shift(a, 9, 2).any()

@@ -10,17 +10,23 @@ How a structure is found in a volume:
 
 1. **Seed.** In the reference's own volume the reference slice is the seed, its mask the annotation
    itself (mask), SAM's box segmentation (box), or the VRP prediction refined by a box pass
-   (point, scribble). In any other volume the structure is *localised*: VRP-SAM is run on every
-   ``scan_stride``-th slice, then on the neighbours of the best hit; the most confident slice seeds
-   (``localisation="scan"``). With ``localisation="registration"`` (the default: better on every
-   CHAOS organ, docs/benchmarks.md) the reference volume is registered to the target (affine,
-   SimpleITK) and the warped reference mask gives the seed slice and its box.
+   (point, scribble). In any other volume the structure is *localised*. With
+   ``localisation="registration"`` (the default: better on every CHAOS organ, docs/benchmarks.md)
+   the structure is first segmented through the reference's own volume (once), the reference
+   volume is registered to the target (affine, SimpleITK), and the warped structure's largest slice
+   seeds; if that seed does not look like the reference, the warped box is swept along the slice
+   axis (registration between different fields of view is mostly off along the body axis). With
+   ``localisation="scan"`` VRP-SAM is run on every ``scan_stride``-th slice, then on the neighbours of
+   the best hit; the most confident slice seeds.
 2. **Propagation.** From each seed outward in both directions, slice by slice: the neighbour's mask
    gives a box prompt (LiteMedSAM's strongest prompt); the slice is "present" while the mask's
    embedding prototype looks like the reference's foreground and not like its background (cosine
    similarity of masked-average embeddings: training-free, measured to separate the organ's own slices
    from the slices past its end, see docs/benchmarks.md). Propagation stops after
-   ``stop_after_absent`` absent slices, so cost follows the structure's extent.
+   ``stop_after_absent`` absent slices, so cost follows the structure's extent. With a registration
+   prior, the warped structure's box on the slice is a second candidate (the more confident mask
+   wins). A *ring* (a reference enclosing a hole, e.g. the myocardium) is decoded as its hole plus
+   a wall band, because a box prompt fills what it surrounds.
 3. **Clean-up** (optional): keep the 3D connected component(s) touching the seeds, close small gaps
    between slices.
 
