@@ -15,7 +15,7 @@ DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom_
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vrpsam_med.cli", *args], capture_output=True, text=True,
-                          timeout=600)
+                          encoding="utf-8", errors="replace", timeout=600)
 
 
 def test_help_lists_commands():

@@ -135,7 +135,8 @@ def test_resume_after_kill(cohort, tmp_path):
     cmd = [sys.executable, "-m", "vrpsam_med.cli", "segment", str(cases), "--reference", str(cohort["ref"]),
            "--reference-label", str(cohort["ref_label"]), "--label", "1", "--slice", str(SLICE), "--out", str(out),
            "--cache-dir", cohort["cache"]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                            errors="replace")
     manifest, deadline, status = out / "manifest.json", time.monotonic() + 240, {}
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -156,7 +157,7 @@ def test_resume_after_kill(cohort, tmp_path):
     for d in (p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")):  # no partial case folder
         assert sorted(p.name for p in d.iterdir()) == sorted(
             [f"{d.name}_qc.png", f"{d.name}_report.json", f"{d.name}_seg.nii.gz"])
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    run = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=400)
     assert run.returncode == 0, run.stderr
     assert f"{len(first)} already done" in run.stdout
     man = json.loads(manifest.read_text())

@@ -305,7 +305,7 @@ def test_ddp_two_processes_gloo(env):
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                            "127.0.0.1", "--master_port", str(port), str(script)], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                          encoding="utf-8", errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (json.loads((base / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["step"] == r1["step"] == 2 and r0["best"] == r1["best"]  # rank 0's decisions reach rank 1

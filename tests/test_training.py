@@ -126,7 +126,8 @@ def test_ddp_two_processes_gloo(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(script)], capture_output=True, text=True, env=env, timeout=600)
+                           "127.0.0.1", "--master_port", str(port), str(script)], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace", env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "STEP 2"

@@ -50,7 +50,7 @@ def test_npe2_validate():
     pytest.importorskip("npe2")
     proc = subprocess.run(
         [sys.executable, "-m", "npe2", "validate", PLUGIN, "--imports"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "valid" in proc.stdout.lower()
@@ -256,5 +256,5 @@ def test_open_in_fresh_viewer_process(tmp_path):
     nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 3.0, 1.0])), path)
     env = {**os.environ, "QT_QPA_PLATFORM": os.environ.get("QT_QPA_PLATFORM", "xcb")}
     proc = subprocess.run([sys.executable, "-c", _OPEN_AFTER_VIEWER, str(path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300, env=env)
     assert proc.returncode == 0 and "OPENED" in proc.stdout, (proc.returncode, proc.stderr[-3000:])

@@ -532,14 +532,16 @@ class Segmenter:
         return [(best, seed if self._looks_like(st, emb[0], seed)[0] else m)]
 
     def _localise_registration(self, st: _Structure, volume: Volume, shape, ax, preset,
-                               should_stop: Callable[[], bool] | None = None) -> tuple[list[tuple[int, np.ndarray]] | None, np.ndarray | None]:
+                               should_stop: Callable[[], bool] | None = None
+                               ) -> tuple[list[tuple[int, np.ndarray]] | None, np.ndarray | None]:
         """Registration prior: the structure segmented in the first reference's own volume (propagated
         from the reference slices, once per structure) is warped onto ``volume``; its largest slice seeds.
 
         Warping the whole segmented structure, not only the annotated slice, puts the seed where the
-        structure is largest in the target, and gives propagation a second box per slice (train pairs: mean 3D Dice CHAOS 0.48 -> 0.50, BTCV 0.26 ->
-        0.33; docs/vrp.md). Returns (seeds, warped prior); (None, None) when the registration itself
-        fails (the caller then scans).
+        structure is largest in the target, and gives propagation a second box per slice; a seed that
+        does not look like the reference starts a sweep along the axis (train pairs: docs/vrp.md).
+        Returns (seeds, warped prior); (None, None) when the registration itself fails (the caller
+        then scans).
         """
         from vrpsam_med.engine.registration import propagate_labels, register
 

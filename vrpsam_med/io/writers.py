@@ -214,7 +214,8 @@ def ordered_source_datasets(like: Volume, out: Path, n_slices: int) -> list:
         ijk = inv @ np.array([-ipp[0], -ipp[1], ipp[2], 1.0])  # LPS -> RAS, then world -> source voxel
         k = int(round(ijk[2]))
         if not (abs(ijk[0]) < 0.01 and abs(ijk[1]) < 0.01 and abs(ijk[2] - k) < 0.01 and 0 <= k < n_slices):
-            raise VolumeError(f"{out}: source slice position {ipp.tolist()} is not on the volume grid; reload the series")
+            raise VolumeError(f"{out}: source slice position {ipp.tolist()} is not on the volume grid; "
+                              "reload the series")
         order.append((k, ds))
     order.sort(key=lambda t: t[0])
     if [k for k, _ in order] != list(range(n_slices)):
