@@ -515,15 +515,7 @@ class Segmenter:
         Each scanned slice's VRP mask is scored by SAM's IoU estimate x the prototype margin (the
         mask must look like the reference's foreground, not its background); the best slice seeds.
         """
-        cfg = self.config
-
-        def best_hit() -> int:
-            return max(vrp_cache, key=lambda k: vrp_cache[k][3])
-
-        vrp(list(range(0, n, max(1, cfg.scan_stride))))
-        best = best_hit()
-        vrp([j for j in range(best - cfg.scan_stride + 1, best + cfg.scan_stride) if 0 <= j < n])
-        best = best_hit()
+        best = _coarse_to_fine(n, self.config.scan_stride, vrp, lambda: max(vrp_cache, key=lambda k: vrp_cache[k][3]))
         if vrp_cache[best][3] <= 0:
             return []
         m = vrp_cache[best][0]
@@ -594,11 +586,7 @@ class Segmenter:
                     looks, margin = self._looks_like(st, e, mask)
                     scores[j] = (max(iou, 0.0) * margin if looks else -1.0, mask)
 
-        stride = max(1, cfg.scan_stride)
-        score(range(0, n, stride))
-        top = max(scores, key=lambda j: scores[j][0])
-        score([j for j in range(top - stride + 1, top + stride) if 0 <= j < n])
-        top = max(scores, key=lambda j: scores[j][0])
+        top = _coarse_to_fine(n, cfg.scan_stride, score, lambda: max(scores, key=lambda j: scores[j][0]))
         return (top, scores[top][1]) if scores[top][0] > 0 else None
 
     @staticmethod
@@ -641,17 +629,19 @@ def _hole(mask: np.ndarray, min_share: float, hull: bool = False) -> np.ndarray:
 
 
 def _shift(array: np.ndarray, offset: int, axis: int) -> np.ndarray:
-    """``array`` moved by ``offset`` along ``axis``, zero-filled (no wrap-around)."""
-    out = np.zeros_like(array)
-    n = array.shape[axis]
-    if abs(offset) >= n:
-        return out
-    src = [slice(None)] * array.ndim
-    dst = [slice(None)] * array.ndim
-    src[axis] = slice(max(0, -offset), n - max(0, offset))
-    dst[axis] = slice(max(0, offset), n - max(0, -offset))
-    out[tuple(dst)] = array[tuple(src)]
-    return out
+    """``array`` (bool) moved by ``offset`` along ``axis``, zero-filled (no wrap-around)."""
+    shifts = [0] * array.ndim
+    shifts[axis] = offset
+    return ndimage.shift(array.astype(np.uint8), shifts, order=0, cval=0) > 0
+
+
+def _coarse_to_fine(n: int, stride: int, evaluate: Callable[[Sequence[int]], None], best: Callable[[], int]) -> int:
+    """Evaluate every ``stride``-th of ``n`` slices, then the neighbours of the best; the best slice."""
+    stride = max(1, stride)
+    evaluate(list(range(0, n, stride)))
+    top = best()
+    evaluate([j for j in range(top - stride + 1, top + stride) if 0 <= j < n])
+    return best()
 
 
 def _perimeter(mask: np.ndarray) -> int:

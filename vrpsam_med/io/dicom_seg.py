@@ -1,8 +1,8 @@
 """Read DICOM SEG label objects (highdicom) onto the canonical grid of the series they reference.
 
 A SEG's segments are matched to structures *by name* (the segment label), so two SEG files that
-number their segments differently still give one label value per structure. SEGs written by
-vrpsam-med record the original label value in the tracking ID; other SEGs are numbered by name.
+number their segments differently still give one label value per structure; without a name table
+the segment numbers are the label values.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def read_dicom_seg(path: str | Path, like: Volume, values: Mapping[str, int] | N
     """
     import highdicom as hd
 
-    from vrpsam_med.io.writers import from_source_grid, ordered_source_datasets, to_source_grid
+    from vrpsam_med.io.writers import from_source_grid, ordered_source_datasets
 
     path = Path(path)
     header = read_seg_header(path)
@@ -85,8 +85,7 @@ def read_dicom_seg(path: str | Path, like: Volume, values: Mapping[str, int] | N
         raise VolumeError(f"{path}: cannot read the DICOM SEG ({exc})") from None
     if str(seg.SegmentationType) == "LABELMAP":
         raise VolumeError(f"{path}: LABELMAP DICOM SEGs are not supported yet; use a BINARY or FRACTIONAL SEG")
-    n_slices = to_source_grid(np.zeros(like.shape, bool), like).shape[2]  # slices in the series' own order
-    sources = ordered_source_datasets(like, path, n_slices)
+    sources = ordered_source_datasets(like, path, len(like.meta.get("dicom_files") or []))
     uids = [str(ds.SOPInstanceUID) for ds in sources]
     numbers = sorted(header.segments)
     try:
