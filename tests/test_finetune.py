@@ -74,6 +74,9 @@ def test_shipped_configs_validate_and_overrides_apply():
     ("train_encoder: false\n", r"nothing to train"),
     ("validation:\n  protocol: dice\n", r"validation.protocol"),
     ("batch_size: 0\n", r"batch_size must be >= 1"),
+    ("validation:\n  method: atlas\n", r"validation.method must be vrp or engine"),
+    ("validation:\n  method: engine\n  protocol: fewshot\n", r"method engine needs validation.protocol volume"),
+    ("box_prompts:\n  wieght: 1\n", r"box_prompts: unknown key 'wieght'.*'weight'"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, match):
     f = tmp_path / "c.yaml"
@@ -234,6 +237,8 @@ def test_run_writes_best_last_log_and_before_after(straight_run):
     assert "| organ |" in (straight_run / "before_after.md").read_text()
     log = (straight_run / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,seconds,loss") and len(log) >= 5  # validations 0, 2, 4 + steps 1, 4...
+    rows = [dict(zip(log[0].split(","), r.split(","))) for r in log[1:]]
+    assert any(r["box_dice"] not in ("", "nan") for r in rows)  # LoRA runs train on box prompts too
 
 
 def test_resume_equals_uninterrupted(env, straight_run):
@@ -266,6 +271,13 @@ def test_model_run_dir_loads_everywhere(env, straight_run, backbone):
     assert not any(isinstance(m, LoRALinear) for m in backbone.mask_decoder.modules())
     seg = Segmenter(straight_run, cache=EmbeddingCache(backbone, env["cache"], progress=False))
     assert any(isinstance(m, LoRALinear) for m in seg.model.backbone.mask_decoder.modules())
+    # the engine's box prompts go through the adapted decoder (not the cache's plain backbone)
+    emb, box = torch.randn(1, 256, 64, 64), np.array([[8.0, 8.0, 30.0, 30.0]])
+    _, iou_engine = seg._box_decode(emb, box, (48, 48))
+    from vrpsam_med.models.backbones import SliceGeometry
+
+    _, iou_plain = backbone.segment_boxes(emb, box, SliceGeometry(48, 48, backbone.image_size))
+    assert seg.backbone is seg.model.backbone and not np.allclose(iou_engine, iou_plain.numpy())
     from vrpsam_med.cli import main
 
     out = env["base"] / "eval.json"

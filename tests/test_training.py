@@ -66,6 +66,33 @@ def test_sampler_excludes_labels_and_is_deterministic(tmp_path):
     assert torch.equal(a.tgt_mask, b.tgt_mask) and torch.equal(a.ref_mask, b.ref_mask)
 
 
+def test_box_episodes_prompt_like_propagation(tmp_path):
+    """Box episodes: the box comes from the slice itself or a neighbour, grown by <= max_margin per side."""
+    from vrpsam_med.prompts import mask_box
+
+    recs = synthetic_records(tmp_path)
+    s = EpisodeSampler(recs, EpisodeConfig(), seed=2)
+    b = s.box_batch(32, max_margin=0.1, neighbour=1)
+    assert b.tgt_emb.shape == (32, 256, 64, 64) and b.boxes.shape == (32, 4) and b.tgt_mask.shape == (32, 1, 256, 256)
+    assert all(float(m.sum()) > 0 for m in b.tgt_mask)
+    grew = []
+    for box, mask in zip(b.boxes.numpy(), b.tgt_mask[:, 0].numpy() > 0):
+        tight = mask_box(mask)
+        size = tight[2:] - tight[:2] + 1
+        # discs on neighbouring slices differ in radius by 3 px: the box may be a neighbour's
+        assert (np.abs(box - tight) <= np.tile(size, 2) * 0.1 + 4).all()
+        grew.append(box[2] - box[0] - (tight[2] - tight[0]))
+    assert len({round(g) for g in grew}) > 3  # random margins and neighbours, not one fixed box
+    # past-the-end episodes: the slice just outside the structure, prompted with its last slice's box
+    ends = s.box_batch(40, max_margin=0.0, neighbour=1, p_past_end=0.5)
+    empty = ends.tgt_mask.sum(dim=(1, 2, 3)) == 0
+    assert 0 < float(empty.float().mean()) < 1
+    last = {mask_box(recs[0].labels[k] == 1)[2] for k in (1, 4)} | {mask_box(recs[1].labels[k] == 1)[2] for k in (1, 4)}
+    assert all(round(float(b[2]) - 1) in {round(x) for x in last} for b in ends.boxes[empty])
+    with pytest.raises(ValueError, match="labelled structures"):
+        EpisodeSampler(recs, EpisodeConfig(exclude=["liver"], p_supervoxel=1.0)).box_batch(1)
+
+
 @pytest.fixture(scope="module")
 def backbone():
     return load_backbone(device="cpu")

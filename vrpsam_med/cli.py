@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the VRP encoder fixed (train only the LoRA adapters)")
     p.add_argument("--val-every", type=int, default=None, help="steps between validations")
     p.add_argument("--val-protocol", choices=["volume", "fewshot"], default=None)
+    p.add_argument("--val-method", choices=["vrp", "engine"], default=None,
+                   help="validate VRP alone (every slice from the reference) or the volume engine (volume protocol)")
     p.add_argument("--val-cases", type=int, default=None, help="val patients evaluated per validation")
     p.add_argument("--patience", type=int, default=None, help="validations without improvement before stopping")
     p.add_argument("--max-cases", type=int, default=None, help="use only the first N cases of DIR")
@@ -350,6 +352,7 @@ def cmd_finetune(args) -> int:
         "seed": args.seed, "lora.decoder": args.lora_decoder, "lora.rank": args.lora_rank,
         "lora.alpha": args.lora_alpha, "train_encoder": False if args.freeze_encoder else None,
         "validation.every": args.val_every, "validation.protocol": args.val_protocol,
+        "validation.method": args.val_method,
         "validation.max_cases": args.val_cases, "validation.patience": args.patience, "max_cases": args.max_cases})
     cfg = load_finetune_config(args.config, overrides)
     data = check_data(cfg)  # bad input fails here, before any model is loaded

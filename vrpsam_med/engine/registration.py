@@ -74,3 +74,69 @@ def propagate_labels(fixed: Volume, moving: Volume, moving_labels: np.ndarray, t
     ref = _image(fixed, np.zeros(fixed.shape, np.int16))
     out = sitk.Resample(lab, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
     return np.transpose(sitk.GetArrayFromImage(out), (2, 1, 0))
+
+
+# -- few-slice stacks (cine MR short axis, thick-slice scans) ---------------------------------------
+def _dihedral(a: np.ndarray, i: int) -> np.ndarray:
+    """One of the 8 rotations / flips of the last two axes (``i`` in 0..7)."""
+    a = np.rot90(a, i % 4, axes=(-2, -1))
+    return np.flip(a, -1) if i >= 4 else a
+
+
+def _slab_image(stack: np.ndarray) -> sitk.Image:
+    """(S, H, W) slices -> the 2D mean of the middle half of the stack, in pixel units."""
+    s = stack.shape[0]
+    lo, hi = s // 4, max(s // 4 + 1, (3 * s + 3) // 4)
+    return sitk.GetImageFromArray(np.ascontiguousarray(stack[lo:hi].mean(0), dtype=np.float32))
+
+
+def register_slab(fixed: np.ndarray, moving: np.ndarray, seed: int = 1) -> tuple[int, sitk.Transform]:
+    """In-plane registration of two few-slice stacks (S, H, W) in [0, 1] -> (orientation, 2D affine).
+
+    A 3D affine cannot be fitted to stacks of 6-10 thick slices (nor to stacks whose slice spacing
+    was lost), and patients may come in different in-plane orientations. So the middle of each stack
+    is averaged into one image, ``moving`` is tried in all 8 orientations (:func:`_dihedral`), each
+    registered to ``fixed`` with a 2D affine (Mattes MI), and the best metric wins. The transform
+    maps ``fixed`` pixel coordinates into the re-oriented ``moving`` image.
+    """
+    f = _slab_image(fixed)
+    best: tuple[float, int, sitk.Transform] | None = None
+    for i in range(8):
+        m = _slab_image(_dihedral(moving, i))
+        init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(2),
+                                                 sitk.CenteredTransformInitializerFilter.MOMENTS)
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(32)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(0.2, seed)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, 150, relaxationFactor=0.7)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel([4, 2, 1])
+        reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+        reg.SetInitialTransform(init, inPlace=False)
+        try:
+            tx = reg.Execute(f, m)
+        except RuntimeError:
+            continue
+        value = reg.GetMetricValue()  # negative mutual information: lower is better
+        if best is None or value < best[0]:
+            best = (value, i, tx)
+    if best is None:
+        raise RuntimeError("in-plane registration failed in every orientation")
+    return best[1], best[2]
+
+
+def propagate_slab_labels(fixed_shape: tuple[int, int, int], moving_labels: np.ndarray, orientation: int,
+                          transform: sitk.Transform) -> np.ndarray:
+    """Warp (S_m, H_m, W_m) labels onto (S_f, H_f, W_f) slices: slice k_f takes the moving slice at the
+    same relative position along the stack, re-oriented and resampled with the 2D ``transform``."""
+    s_f, h_f, w_f = fixed_shape
+    s_m = moving_labels.shape[0]
+    ref = sitk.Image(int(w_f), int(h_f), sitk.sitkInt16)
+    out = np.zeros(fixed_shape, np.int16)
+    for k in range(s_f):
+        j = int(round(k * (s_m - 1) / max(s_f - 1, 1)))
+        lab = sitk.GetImageFromArray(np.ascontiguousarray(_dihedral(moving_labels[j], orientation), dtype=np.int16))
+        out[k] = sitk.GetArrayFromImage(sitk.Resample(lab, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt16))
+    return out

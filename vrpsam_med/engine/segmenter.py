@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,8 @@ class SegmenterConfig:
     box_margin: float = 0.03  # neighbour's box grows by this share of its size (min 2 px) per side; tuned on train
     localisation: str = "registration"  # other volumes: "registration" (affine prior) | "scan" (VRP at a stride)
     localised_box_margin: float = 0.03  # same, after a localised (not annotated) seed; 0.1 tied on train
+    slab_max_slices: int = 16  # other volumes with at most this many slices: in-plane registration (see _warp_atlas)
+    seed_prototype: bool = False  # other volumes: the seed's own look also counts when propagating (unproven)
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
     refine_reference: bool = True  # point/scribble/box references: use the segmented reference slice as a mask
     ring_min_hole: float = 0.1  # a reference whose enclosed hole is >= this share of its filled area is a ring
@@ -188,7 +190,12 @@ class Segmenter:
 
     @property
     def backbone(self):
-        return self.cache.backbone
+        """The model's backbone: the cache's, or its copy with fine-tuned decoder adapters (LoRA).
+
+        Embeddings always come from the cache (the image encoder is shared); box prompts must go
+        through the model's decoder, or a fine-tuned decoder would be ignored by the engine.
+        """
+        return self.model.backbone
 
     def model_info(self) -> dict:
         card = getattr(self.model, "card", {}) or {}
@@ -437,10 +444,18 @@ class Segmenter:
                 raise SegmenterError(f"unknown localisation {cfg.localisation!r}; use scan or registration")
             if seeds is None:
                 seeds = self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset)
+            seed_protos = []
             for k, seed in seeds:
                 masks[k] = seed
                 emb = self.cache.get(volume, [k], ax, preset)[0]
                 conf[k] = float(np.clip(self._looks_like(st, emb, seed)[1] / 0.3, 0, 1))
+                if seed.any():
+                    seed_protos.append(self._prototypes(emb, seed))
+            if cfg.seed_prototype and seed_protos:
+                # The seed passed the check against the reference; from here on the structure is also
+                # compared with how it looks in this patient, as in same-volume propagation (a reference
+                # from another patient looks less alike slice after slice and stopped it early).
+                st = replace(st, prototypes=st.prototypes + seed_protos)
         # a localised seed may be off; a wider box lets propagation recover the structure's extent
         margin = cfg.box_margin if same else cfg.localised_box_margin
         # 2. propagation, outward from every seed
@@ -535,13 +550,11 @@ class Segmenter:
         Returns (seeds, warped prior); (None, None) when the registration itself fails (the caller
         then scans).
         """
-        from vrpsam_med.engine.registration import propagate_labels, register
-
         _, ref_vol, _, _ = st.references[0]
         if st.atlas is None:
             st.atlas = self._segment_structure(st, ref_vol, preset, None, should_stop)[1]
         try:
-            warped = propagate_labels(volume, ref_vol, st.atlas.astype(np.int16), register(volume, ref_vol)) > 0
+            warped = self._warp_atlas(st.atlas, ref_vol, volume, ax, preset)
         except RuntimeError as exc:  # SimpleITK could not register (e.g. a few-slice scan): no prior
             log.warning("%s: registration failed (%s); localising by scanning instead", volume.name,
                         str(exc).strip().splitlines()[-1][:200])
@@ -563,6 +576,36 @@ class Segmenter:
             return None, None
         j, mask = best
         return [(j, mask)], _shift(warped, j - k, ax)
+
+    def _warp_atlas(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None
+                    ) -> np.ndarray:
+        """``atlas`` (a bool volume on ``ref_vol``'s grid) warped onto ``volume`` (bool, its grid).
+
+        3D affine registration, except for few-slice stacks (cine MR short axis: 6-10 thick slices,
+        often with a lost slice spacing), where an affine along the slice axis cannot be fitted: those
+        are registered in-plane (in any of the 8 orientations) and matched slice to slice by relative
+        position along the stack (ACDC train pairs: docs/vrp.md).
+        """
+        from vrpsam_med.engine.registration import (
+            propagate_labels,
+            propagate_slab_labels,
+            register,
+            register_slab,
+        )
+        from vrpsam_med.io.intensity import model_intensities
+
+        if min(volume.shape[ax], ref_vol.shape[ax]) > self.config.slab_max_slices:
+            return propagate_labels(volume, ref_vol, atlas.astype(np.int16), register(volume, ref_vol)) > 0
+
+        def stack(a: np.ndarray) -> np.ndarray:
+            return np.stack([get_slice(a, k, ax) for k in range(a.shape[ax])])
+        target = stack(model_intensities(volume, preset))
+        orientation, tx = register_slab(target, stack(model_intensities(ref_vol, preset)))
+        slices = propagate_slab_labels(target.shape, stack(atlas.astype(np.int16)), orientation, tx)
+        warped = np.zeros(volume.shape, bool)
+        for k, sl in enumerate(slices):
+            set_slice(warped, k, sl > 0, ax)
+        return warped
 
     def _sweep(self, st: _Structure, volume: Volume, prior: np.ndarray, shape, ax, preset,
                should_stop: Callable[[], bool] | None) -> tuple[int, np.ndarray] | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vrpsam_med.prompts import KINDS, simulate
+from vrpsam_med.prompts import KINDS, mask_box, simulate
 from vrpsam_med.training.data import CaseRecord
 
 MIN_AREA = 30  # model-space pixels; smaller references are not sampled
@@ -43,6 +43,15 @@ class Batch:
     tgt_mask: torch.Tensor  # (B, 1, 256, 256)
     present: torch.Tensor  # (B,)
     kinds: list[str]
+
+
+@dataclass
+class BoxBatch:
+    """Box-prompt episodes (SAM's own prompt) for adapting the mask decoder to what the engine asks of it."""
+
+    tgt_emb: torch.Tensor  # (B, 256, 64, 64)
+    boxes: torch.Tensor  # (B, 4) x0, y0, x1, y1 in the 256-px model space
+    tgt_mask: torch.Tensor  # (B, 1, 256, 256)
 
 
 class EpisodeSampler:
@@ -79,6 +88,45 @@ class EpisodeSampler:
             present=torch.tensor([float(e[5].any()) for e in eps]),
             kinds=[e[6] for e in eps],
         )
+
+    def box_batch(self, size: int, max_margin: float = 0.1, neighbour: int = 1, p_past_end: float = 0.0
+                  ) -> BoxBatch:
+        """Labelled slices prompted as the volume engine prompts them during propagation.
+
+        The box is the structure's box on a slice up to ``neighbour`` away (the engine's previous
+        slice), grown by a random share in [0, ``max_margin``] of its size per side (min 1 px). With
+        probability ``p_past_end`` the target is the first slice past either end of the structure,
+        prompted with the last slice's box, and its target mask is empty: propagation must be able
+        to stop there.
+        """
+        if not self.keys:
+            raise ValueError("box-prompt episodes need labelled structures (all excluded or too small)")
+        embs, boxes, masks = [], [], []
+        while len(boxes) < size:
+            key = self.keys[self.rng.integers(len(self.keys))]
+            entries = self.structures[key]
+            ri, ks = entries[self.rng.integers(len(entries))]
+            rec, k = self.records[ri], int(ks[self.rng.integers(len(ks))])
+            src = k + int(self.rng.integers(-neighbour, neighbour + 1))
+            if p_past_end > 0 and self.rng.random() < p_past_end:
+                present = np.flatnonzero((rec.labels == key[1]).any(axis=(1, 2)))
+                ends = [(e + d, e) for e, d in ((present.min(), -1), (present.max(), 1))
+                        if 0 <= e + d < rec.num_slices and (rec.labels[e] == key[1]).sum() >= MIN_AREA]
+                if not ends:
+                    continue
+                k, src = ends[self.rng.integers(len(ends))]
+            elif not 0 <= src < rec.num_slices or not (rec.labels[src] == key[1]).any():
+                src = k
+            box = mask_box(rec.labels[src] == key[1])
+            extent = np.tile(box[2:] - box[:2] + 1, 2)
+            grow = np.maximum(self.rng.uniform(0, max_margin, 4) * extent, 1.0)
+            side = rec.labels.shape[-1] - 1
+            boxes.append(np.clip(box + np.array([-1, -1, 1, 1]) * grow, 0, side))
+            masks.append(rec.labels[k] == key[1])
+            embs.append(rec.embedding(k))
+        return BoxBatch(tgt_emb=torch.from_numpy(np.stack(embs).astype(np.float32)),
+                        boxes=torch.from_numpy(np.stack(boxes).astype(np.float32)),
+                        tgt_mask=torch.from_numpy(np.stack(masks).astype(np.float32))[:, None])
 
     def state(self) -> dict:
         return self.rng.bit_generator.state

@@ -40,11 +40,12 @@ from vrpsam_med.training.train import (
     git_revision,
     init_distributed,
     losses,
+    mask_loss,
     save_encoder,
 )
 
 log = logging.getLogger(__name__)
-LOG_FIELDS = ["step", "seconds", "loss", "bce", "dice_loss", "presence", "dice", "val_dice"]
+LOG_FIELDS = ["step", "seconds", "loss", "bce", "dice_loss", "presence", "dice", "box_loss", "box_dice", "val_dice"]
 
 
 @dataclass
@@ -56,8 +57,24 @@ class LoRAConfig:
 
 
 @dataclass
+class BoxPromptConfig:
+    """Box-prompt episodes: with decoder adapters, also train SAM's own box prompting on this data.
+
+    The volume engine propagates with box prompts (the neighbour slice's box), so this is what
+    adapts the engine itself to a new scanner; VRP episodes alone adapt the reference prompts.
+    """
+
+    weight: float = 1.0  # loss weight (0 = off); used only with lora.decoder
+    batch_size: int = 4  # box episodes per step, besides the batch_size VRP episodes
+    max_margin: float = 0.1  # boxes grow by a random share in [0, max_margin] of their size per side
+    neighbour: int = 1  # the box comes from a slice up to this far away (as in propagation)
+    p_past_end: float = 0.25  # share of boxes on the first slice past the structure's end: target empty
+
+
+@dataclass
 class ValidationConfig:
     protocol: str = "volume"  # evaluate harness protocol on the val patients: volume | fewshot
+    method: str = "vrp"  # vrp (every slice from the reference alone) | engine (the volume engine; volume only)
     annotation: str = "mask"
     every: int = 50  # steps between validations (and checkpoints)
     max_cases: int = 3  # val patients evaluated (budget)
@@ -75,6 +92,7 @@ class FinetuneConfig:
     init: str = ""  # model folder / RUN_DIR to start from ('' = the shipped default)
     train_encoder: bool = True
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    box_prompts: BoxPromptConfig = field(default_factory=BoxPromptConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     val_fraction: float = 0.25
     min_val_patients: int = 2
@@ -109,6 +127,14 @@ def load_finetune_config(path: str | Path | None, overrides: dict[str, Any] | No
         raise UsageError(f"{where}: nothing to train: set train_encoder: true and/or lora.decoder: true")
     if cfg.validation.protocol not in PROTOCOLS:
         raise UsageError(f"{where}: validation.protocol must be one of {', '.join(PROTOCOLS)}")
+    if cfg.validation.method not in ("vrp", "engine"):
+        raise UsageError(f"{where}: validation.method must be vrp or engine")
+    if cfg.validation.method == "engine" and cfg.validation.protocol != "volume":
+        raise UsageError(f"{where}: validation.method engine needs validation.protocol volume")
+    bp = cfg.box_prompts
+    if bp.weight < 0 or bp.batch_size < 1 or bp.max_margin < 0 or not 0 <= bp.p_past_end < 1:
+        raise UsageError(f"{where}: box_prompts: weight and max_margin must be >= 0, batch_size >= 1, "
+                         "p_past_end in [0, 1)")
     if not 0 < cfg.val_fraction < 1:
         raise UsageError(f"{where}: val_fraction must lie in (0, 1)")
     if cfg.min_val_patients < 2:
@@ -125,10 +151,11 @@ _ACT_PER_EPISODE = 250 * 2**20
 _ACT_PER_QUERY = 2 * 2**20
 
 
-def estimate_memory(batch_size: int, num_queries: int, trainable: int, frozen: int) -> int:
+def estimate_memory(batch_size: int, num_queries: int, trainable: int, frozen: int, box_batch: int = 0) -> int:
     """Rough peak bytes of one training step: weights, AdamW state, activations, embeddings."""
     weights = 4 * (trainable + frozen) + 12 * trainable  # fp32 weights; grads + 2 AdamW moments
-    acts = batch_size * (_ACT_PER_EPISODE + num_queries * _ACT_PER_QUERY)
+    # a box episode runs the decoder only: counted as half a VRP episode (an upper bound)
+    acts = batch_size * (_ACT_PER_EPISODE + num_queries * _ACT_PER_QUERY) + box_batch * _ACT_PER_EPISODE // 2
     # + 3 GiB: Python, torch, the backbone, prepared cases, validation, and what glibc keeps mapped
     # (a lower bound: whole CHAOS MR runs at batch 4 on CPU peaked at 5.5-6.9 GiB RSS; docs/finetune.md)
     return int(weights + acts + 3 * 2**30)
@@ -147,7 +174,8 @@ def available_memory(device: torch.device) -> int:
 def check_memory(cfg: FinetuneConfig, model: VRPSAM, trainable: list[torch.nn.Parameter], device: torch.device) -> int:
     n_train = sum(p.numel() for p in trainable)
     n_frozen = sum(p.numel() for p in model.parameters()) - n_train
-    need = estimate_memory(cfg.batch_size, model.encoder.num_queries, n_train, n_frozen)
+    need = estimate_memory(cfg.batch_size, model.encoder.num_queries, n_train, n_frozen,
+                           cfg.box_prompts.batch_size if _box_prompts_on(cfg) else 0)
     have = available_memory(device)
     if need > cfg.max_memory_fraction * have:
         gib = 2**30
@@ -158,6 +186,10 @@ def check_memory(cfg: FinetuneConfig, model: VRPSAM, trainable: list[torch.nn.Pa
             f"{cfg.max_memory_fraction:.0%} of the free {'GPU' if device.type == 'cuda' else ''} memory "
             f"({have / gib:.1f} GiB): lower --batch-size, or close other programs")
     return need
+
+
+def _box_prompts_on(cfg: FinetuneConfig) -> bool:
+    return cfg.lora.decoder and cfg.box_prompts.weight > 0
 
 
 # -- model --------------------------------------------------------------------------------------
@@ -198,7 +230,7 @@ def validate(cfg: FinetuneConfig, model: VRPSAM, val_ds: MSDDataset, cache: Embe
 
     v = cfg.validation
     ecfg = EvalConfig(protocol=v.protocol, annotation=v.annotation, labels=cfg.labels or None, split="val",
-                      method="vrp", seed=cfg.seed, max_cases=v.max_cases)
+                      method=v.method, seed=cfg.seed, max_cases=v.max_cases)
     result = evaluate(val_ds, ecfg, cache, ReferencePredictor(model, cache), progress=False)
     return {"mean_dice": result.mean_dice, "per_label": result.per_label}
 
@@ -366,6 +398,9 @@ def finetune(cfg: FinetuneConfig, records: list, val_ds: MSDDataset, cache: Embe
         b = batch_to(sampler.batch(cfg.batch_size), device)
         logits, presence = forward_episodes(model.encoder, model.backbone, b, use_bf16)
         loss, metrics = losses(logits, presence, b, cfg.presence_weight)
+        if _box_prompts_on(cfg):
+            box_loss, metrics["box_loss"], metrics["box_dice"] = box_step(model, sampler, cfg, use_bf16)
+            loss = loss + cfg.box_prompts.weight * box_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if distributed:
@@ -393,6 +428,21 @@ def finetune(cfg: FinetuneConfig, records: list, val_ds: MSDDataset, cache: Embe
     if distributed:
         dist.barrier()
     return FinetuneResult(step, best_step, stopped, history, table)
+
+
+def box_step(model: VRPSAM, sampler: EpisodeSampler, cfg: FinetuneConfig, use_bf16: bool
+             ) -> tuple[torch.Tensor, float, float]:
+    """Box-prompt episodes through the adapted decoder -> (loss, its value, hard Dice)."""
+    from vrpsam_med.models.backbones import LOW_RES
+
+    bp, bb = cfg.box_prompts, model.backbone
+    b = sampler.box_batch(bp.batch_size, bp.max_margin, bp.neighbour, bp.p_past_end)
+    emb, mask = b.tgt_emb.to(bb.device), b.tgt_mask.to(bb.device)
+    with torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        logits, _ = bb.decode(emb, bb.prompt_tokens(boxes=b.boxes.to(bb.device) * (bb.image_size / LOW_RES)))
+    bce, dice_loss, hard = mask_loss(logits, mask, (mask.sum(dim=(1, 2, 3)) > 0).float())
+    loss = bce + dice_loss
+    return loss, float(loss.detach()), hard
 
 
 def _checkpoint(model, opt, sampler, run_dir: Path, rank: int, distributed: bool, card_base: dict,

@@ -44,24 +44,32 @@ class TrainConfig:
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
 
 
-def losses(logits: torch.Tensor, presence: torch.Tensor, batch: Batch, presence_weight: float
-           ) -> tuple[torch.Tensor, dict[str, float]]:
-    """BCE + Dice on the mask (Dice only where the target is present) + BCE on presence."""
+def mask_loss(logits: torch.Tensor, gt: torch.Tensor, present: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """BCE + soft Dice (Dice only where ``present``): logits, gt (B, 1, H, W); -> (bce, dice loss, hard Dice)."""
     logits = logits.float()
-    gt = batch.tgt_mask
     bce = F.binary_cross_entropy_with_logits(logits, gt)
     prob = torch.sigmoid(logits)
     inter = (prob * gt).sum(dim=(1, 2, 3))
     dice = 1 - (2 * inter + 1) / (prob.sum(dim=(1, 2, 3)) + gt.sum(dim=(1, 2, 3)) + 1)
-    pos = batch.present > 0
+    pos = present > 0
     dice_loss = dice[pos].mean() if pos.any() else logits.sum() * 0
-    pres = F.binary_cross_entropy_with_logits(presence.float(), batch.present)
-    total = bce + dice_loss + presence_weight * pres
     with torch.no_grad():
         hard = (logits > 0).float()
         d = (2 * (hard * gt).sum(dim=(1, 2, 3)) / (hard.sum(dim=(1, 2, 3)) + gt.sum(dim=(1, 2, 3))).clamp_min(1))
-        metrics = {"loss": float(total), "bce": float(bce), "dice_loss": float(dice_loss), "presence": float(pres),
-                   "dice": float(d[pos].mean()) if pos.any() else float("nan")}
+        hard_dice = float(d[pos].mean()) if pos.any() else float("nan")
+    return bce, dice_loss, hard_dice
+
+
+def losses(logits: torch.Tensor, presence: torch.Tensor, batch: Batch, presence_weight: float
+           ) -> tuple[torch.Tensor, dict[str, float]]:
+    """BCE + Dice on the mask (Dice only where the target is present) + BCE on presence."""
+    bce, dice_loss, hard_dice = mask_loss(logits, batch.tgt_mask, batch.present)
+    pres = F.binary_cross_entropy_with_logits(presence.float(), batch.present)
+    total = bce + dice_loss + presence_weight * pres
+    metrics = {"loss": float(total.detach()), "bce": float(bce.detach()), "dice_loss": float(dice_loss.detach()),
+               "presence": float(pres.detach()),
+               "dice": hard_dice}
     return total, metrics
 
 

@@ -1,0 +1,86 @@
+"""Domain adaptation (issue 6): a model before and after fine-tuning, on the `test` splits.
+
+    python bench/domain_adaptation.py --model base=runs/no_chaos --model finetuned=runs/da_chaos \
+        --out docs/results/domain_adaptation.json [--sets chaos_mr_t2,btcv_ct] [--evals engine:mask,fewshot:mask]
+
+Evaluations (evaluate harness, all test patients of each set):
+- ``engine:KIND``: the volume engine (`volume` protocol, method `engine`), reference = the structure's
+  largest slice annotated as KIND; whole-volume 3D Dice, same patient and other patients. With a mask
+  reference the engine prompts SAM with boxes only, so only decoder adapters can change it; with a
+  scribble or point reference the VRP encoder makes the first mask.
+- ``fewshot:KIND``: the FSMIS protocol, VRP alone slice by slice (what the VRP encoder learned).
+Results are stored per (model, set, evaluation) key, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from vrp_eval import DATA, SETS  # the same data root and structures as the other benchmarks
+
+from vrpsam_med.engine.reference import ReferencePredictor
+from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
+from vrpsam_med.io.msd import MSDDataset
+from vrpsam_med.models.backbones import load_backbone
+from vrpsam_med.models.cache import EmbeddingCache
+from vrpsam_med.models.vrp import load_vrp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, help="NAME=PATH (model folder or RUN_DIR)")
+    ap.add_argument("--sets", default="chaos_mr_t2,btcv_ct")
+    ap.add_argument("--evals", default="engine:mask,fewshot:mask")
+    ap.add_argument("--max-cases", type=int, default=None)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA}: shared data not found")
+    cache = EmbeddingCache(load_backbone(), progress=False)
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        predictor = ReferencePredictor(load_vrp(cache.backbone, path), cache)
+        for set_name in args.sets.split(","):
+            for ev in args.evals.split(","):
+                protocol, kind = ev.split(":")
+                key = f"{name}|{set_name}|{protocol}|{kind}"
+                if key in results:
+                    continue
+                cfg = EvalConfig(protocol="volume" if protocol == "engine" else protocol, annotation=kind,
+                                 labels=SETS[set_name], method="engine" if protocol == "engine" else "vrp",
+                                 max_cases=args.max_cases)
+                t = time.perf_counter()
+                res = evaluate(MSDDataset.open(DATA / set_name), cfg, cache, predictor, progress=False)
+                results[key] = {**res.to_json(), "model_path": path}
+                print(f"{key}: mean {res.mean_dice:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = args.out.with_suffix(".tmp")
+                tmp.write_text(json.dumps(results, indent=1, default=float))
+                tmp.replace(args.out)
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per set / evaluation / structure, one column per model, then the change."""
+    models = list(dict.fromkeys(k.split("|")[0] for k in results))
+    rows: dict[tuple[str, str, str], dict[str, float]] = {}
+    for key, r in results.items():
+        model, set_name, protocol, kind = key.split("|")
+        for label, dice in r["per_label"].items():
+            rows.setdefault((set_name, f"{protocol} ({kind})", label), {})[model] = dice
+    head = "| set | evaluation | structure | " + " | ".join(models) + " | change |"
+    lines = [head, "|---|---|---|" + "---|" * (len(models) + 1)]
+    for (set_name, ev, label), by_model in rows.items():
+        vals = [by_model.get(m, float("nan")) for m in models]
+        change = vals[-1] - vals[0] if len(vals) > 1 and np.isfinite(vals).all() else float("nan")
+        cells = " | ".join(f"{v:.3f}" for v in vals)
+        lines.append(f"| {set_name} | {ev} | {label} | {cells} | {change:+.3f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

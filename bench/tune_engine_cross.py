@@ -1,0 +1,71 @@
+"""Compare engine settings on `train` patients: other-patient segmentation, mask reference, 3D Dice.
+
+    python bench/tune_engine_cross.py acdc_cine_mr 4 left_ventricle,right_ventricle,myocardium \
+        slab_max_slices=0 slab_max_slices=16
+
+Arguments: set, number of train patients (one volume each), structures, then one ``SegmenterConfig``
+setting per variant (``key=value``; several joined with ``;``). Every ordered pair of different
+patients: reference = the structure's largest slice in one, target = the other's whole volume
+(registration prior). Per variant and structure: mean 3D Dice and the share of slices without the
+structure that got a mask. ``VERBOSE=1`` also prints every pair: seeds, seed-slice Dice, 3D Dice.
+"""
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tune_engine_same import config
+
+from vrpsam_med.engine.segmenter import Segmenter
+from vrpsam_med.evaluation.metrics import dice_3d
+from vrpsam_med.evaluation.protocols import patient_id
+from vrpsam_med.io.msd import MSDDataset
+from vrpsam_med.io.volume import get_slice
+from vrpsam_med.models.backbones import load_backbone
+from vrpsam_med.models.cache import EmbeddingCache
+from vrpsam_med.models.vrp import load_vrp
+from vrpsam_med.prompts import Annotation
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def main() -> None:
+    name, n, structures, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4:] or [""]
+    cache = EmbeddingCache(load_backbone(device="cpu"), progress=False)
+    model = load_vrp(cache.backbone)
+    ds = MSDDataset.open(DATA / name)
+    first = {}
+    for c in ds.cases("train"):
+        first.setdefault(patient_id(c.case_id), c)
+    loaded = [ds.load(c) for c in list(first.values())[:n]]
+    for spec in variants:
+        t, res = time.perf_counter(), {}
+        for ri, (rvol, rlab) in enumerate(loaded):
+            for s in structures:
+                v = ds.label_value(s)
+                if not (rlab == v).any():
+                    continue
+                k = int(np.argmax((rlab == v).sum((0, 1))))
+                seg = Segmenter(model, cache=cache, config=config(spec))
+                seg.add_reference(rvol, k, Annotation.from_mask(get_slice(rlab, k) == v), name=s)
+                for ti, (tvol, tlab) in enumerate(loaded):
+                    if ti == ri or not (tlab == v).any():
+                        continue
+                    out = seg.segment(tvol)
+                    pred, gt = out.labels > 0, tlab == v
+                    if os.environ.get("VERBOSE"):
+                        seeds = out.structures[s].seeds
+                        print(spec, ri, ti, s, "seeds", seeds, "seed Dice",
+                              [round(dice_3d(pred[..., k], gt[..., k]), 2) for k in seeds],
+                              "Dice", round(dice_3d(pred, gt), 3), flush=True)
+                    empty = ~gt.any((0, 1))
+                    false = float((pred.any((0, 1)) & empty).sum() / max(empty.sum(), 1))
+                    res.setdefault(s, []).append((dice_3d(pred, gt), false))
+        summary = {s: {"dice": round(float(np.mean([d for d, _ in r])), 3),
+                       "false_mask": round(float(np.mean([f for _, f in r])), 3)} for s, r in res.items()}
+        print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summary, flush=True)
+
+
+if __name__ == "__main__":
+    main()
