@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tune_engine_same import config
+from tune_engine_same import config, score, summarise
 
 from vrpsam_med.engine.segmenter import Segmenter
 from vrpsam_med.evaluation.metrics import dice_3d
@@ -59,12 +59,8 @@ def main() -> None:
                         print(spec, ri, ti, s, "seeds", seeds, "seed Dice",
                               [round(dice_3d(pred[..., k], gt[..., k]), 2) for k in seeds],
                               "Dice", round(dice_3d(pred, gt), 3), flush=True)
-                    empty = ~gt.any((0, 1))
-                    false = float((pred.any((0, 1)) & empty).sum() / max(empty.sum(), 1))
-                    res.setdefault(s, []).append((dice_3d(pred, gt), false))
-        summary = {s: {"dice": round(float(np.mean([d for d, _ in r])), 3),
-                       "false_mask": round(float(np.mean([f for _, f in r])), 3)} for s, r in res.items()}
-        print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summary, flush=True)
+                    res.setdefault(s, []).append(score(pred, gt))
+        print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summarise(res), flush=True)
 
 
 if __name__ == "__main__":

@@ -46,13 +46,19 @@ def main() -> None:
                 k = int(np.argmax((lab == v).sum((0, 1))))
                 seg = Segmenter(model, cache=cache, config=config(spec))
                 seg.add_reference(vol, k, Annotation.from_mask(get_slice(lab, k) == v), name=s)
-                pred, gt = seg.segment(vol).labels > 0, lab == v
-                empty = ~gt.any((0, 1))
-                false = float((pred.any((0, 1)) & empty).sum() / max(empty.sum(), 1))
-                res.setdefault(s, []).append((dice_3d(pred, gt), false))
-        summary = {s: {"dice": round(float(np.mean([d for d, _ in r])), 3),
-                       "false_mask": round(float(np.mean([f for _, f in r])), 3)} for s, r in res.items()}
-        print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summary, flush=True)
+                res.setdefault(s, []).append(score(seg.segment(vol).labels > 0, lab == v))
+        print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summarise(res), flush=True)
+
+
+def score(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """(3D Dice, share of the slices without the structure that got a mask); axial slices."""
+    empty = ~gt.any((0, 1))
+    return dice_3d(pred, gt), float((pred.any((0, 1)) & empty).sum() / max(empty.sum(), 1))
+
+
+def summarise(res: dict[str, list[tuple[float, float]]]) -> dict:
+    return {s: {"dice": round(float(np.mean([d for d, _ in r])), 3),
+                "false_mask": round(float(np.mean([f for _, f in r])), 3)} for s, r in res.items()}
 
 
 if __name__ == "__main__":

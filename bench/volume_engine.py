@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from vrp_eval import DATA, SETS  # the same data root and structures as the other benchmarks
+from vrp_eval import DATA, SETS, save_results  # the same data root and structures as the other benchmarks
 
 from vrpsam_med.engine.reference import ReferencePredictor
 from vrpsam_med.engine.segmenter import SegmenterConfig
@@ -56,10 +56,7 @@ def main() -> None:
                        engine_config=SegmenterConfig(localisation=args.localisation))
         results[key] = res.to_json()
         print(f"{key}: mean {res.mean_dice:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=1, default=float))
-        tmp.replace(args.out)
+        save_results(args.out, results)
     print(table(results))
 
 

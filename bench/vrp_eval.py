@@ -59,9 +59,16 @@ def main() -> None:
             results[key] = res.to_json()
             print(f"{key}: mean {res.mean_dice:.3f} {json.dumps({k: round(v, 3) for k, v in res.per_label.items()})}"
                   f" ({time.perf_counter() - t:.0f} s)", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1, default=float))
+            save_results(args.out, results)
     print(table(results))
+
+
+def save_results(path: Path, results: dict) -> None:
+    """Write the results JSON atomically (an interrupted benchmark resumes from it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    tmp.replace(path)
 
 
 def table(results: dict) -> str:

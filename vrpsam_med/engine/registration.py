@@ -26,6 +26,22 @@ def _image(volume: Volume, array: np.ndarray) -> sitk.Image:
     return img
 
 
+def _affine_method(init: sitk.Transform, seed: int, sampling: float, iterations: int,
+                   pyramid: list[tuple[int, int]]) -> sitk.ImageRegistrationMethod:
+    """Mattes MI + regular-step gradient descent from ``init``; pyramid = (shrink, sigma) per level."""
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(sampling, seed)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, iterations, relaxationFactor=0.7)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([sf for sf, _ in pyramid])
+    reg.SetSmoothingSigmasPerLevel([sig for _, sig in pyramid])
+    reg.SetInitialTransform(init, inPlace=False)
+    return reg
+
+
 def register(fixed: Volume, moving: Volume, deformable: bool = False, seed: int = 1) -> sitk.Transform:
     """Transform mapping ``fixed`` (query) physical points into ``moving`` (support) space.
 
@@ -35,19 +51,10 @@ def register(fixed: Volume, moving: Volume, deformable: bool = False, seed: int 
     m = sitk.Cast(_image(moving, model_intensities(moving)), sitk.sitkFloat32)
     init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.05, seed)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, 200, relaxationFactor=0.7)
-    reg.SetOptimizerScalesFromPhysicalShift()
     # multi-resolution pyramid, without levels that would shrink the thinnest axis below 4 voxels
     small = min(min(f.GetSize()), min(m.GetSize()))
     pyramid = [(sf, sig) for sf, sig in ((4, 2), (2, 1)) if small // sf >= 4] + [(1, 0)]
-    reg.SetShrinkFactorsPerLevel([sf for sf, _ in pyramid])
-    reg.SetSmoothingSigmasPerLevel([sig for _, sig in pyramid])
-    reg.SetInitialTransform(init, inPlace=False)
+    reg = _affine_method(init, seed, 0.05, 200, pyramid)
     affine = reg.Execute(f, m)
     if not deformable:
         return affine
@@ -105,16 +112,7 @@ def register_slab(fixed: np.ndarray, moving: np.ndarray, seed: int = 1) -> tuple
         m = _slab_image(_dihedral(moving, i))
         init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(2),
                                                  sitk.CenteredTransformInitializerFilter.MOMENTS)
-        reg = sitk.ImageRegistrationMethod()
-        reg.SetMetricAsMattesMutualInformation(32)
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
-        reg.SetMetricSamplingPercentage(0.2, seed)
-        reg.SetInterpolator(sitk.sitkLinear)
-        reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, 150, relaxationFactor=0.7)
-        reg.SetOptimizerScalesFromPhysicalShift()
-        reg.SetShrinkFactorsPerLevel([4, 2, 1])
-        reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-        reg.SetInitialTransform(init, inPlace=False)
+        reg = _affine_method(init, seed, 0.2, 150, [(4, 2), (2, 1), (1, 0)])
         try:
             tx = reg.Execute(f, m)
         except RuntimeError:
