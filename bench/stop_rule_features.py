@@ -5,7 +5,10 @@
 For each organ: seed = its largest slice (ground-truth mask), then outward with the neighbour's box,
 4 slices past the organ's end; per slice: ground-truth area, SAM IoU, VRP presence/IoU, Dice, and the
 cosine similarity of the mask's embedding prototype to the reference foreground / background
-(``sfg`` / ``sbg``; the engine keeps a slice when sfg >= 0.6 and sfg > sbg, docs/vrp.md).
+(``sfg`` / ``sbg``; the engine keeps a slice when sfg >= 0.6 and sfg > sbg, docs/vrp.md), to the
+previous slice's mask (``sprev``) and to the ring of tissue just around the mask on the same slice
+(``sring``); the share of the mask inside the previous mask grown by 3 px (``inside``) and the area
+ratio to the previous mask (``area / prev_area``).
 """
 
 import json
@@ -15,94 +18,80 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from vrpsam_med.engine.segmenter import Segmenter, _dice
 from vrpsam_med.io.msd import MSDDataset
-from vrpsam_med.io.volume import get_slice
+from vrpsam_med.io.volume import get_slice, slice_shape
 from vrpsam_med.models.backbones import SliceGeometry, load_backbone
 from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.models.vrp import load_vrp
 from vrpsam_med.prompts import Annotation, mask_box
 
-ds_name, ncase, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-organs = sys.argv[4].split(",")
-cache = EmbeddingCache(load_backbone(device="cpu"), progress=False)
-model = load_vrp(cache.backbone)
-ds = MSDDataset.open(Path(__file__).resolve().parents[1].parent / "shared" / "data" / ds_name)
-rows = []
 
-
-def proto(emb, mask, shape):
+def proto(emb: torch.Tensor, mask: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
     geom = SliceGeometry(*shape, 256)
     m = geom.mask_to_model(torch.from_numpy(mask)[None].float())[0]
     g = F.adaptive_avg_pool2d(m[None].float(), 64)[0, 0]
-    return (emb * g).sum((1, 2)) / g.sum().clamp_min(1e-6)
+    return (emb.float() * g).sum((1, 2)) / g.sum().clamp_min(1e-6)
 
 
-for case in ds.cases("train")[:ncase]:
-    vol, lab = ds.load(case)
-    n = vol.shape[2]
-    shape = vol.shape[:2][::-1]
-    from vrpsam_med.io.volume import slice_shape
+def ring(mask: np.ndarray, width: int = 8) -> np.ndarray:
+    return ndimage.binary_dilation(mask, iterations=width) & ~mask
 
-    shape = slice_shape(vol.shape, 2)
-    for organ in organs:
-        v = ds.label_value(organ)
-        areas = (lab == v).sum((0, 1))
-        if areas.max() == 0:
-            continue
-        k0 = int(np.argmax(areas))
-        seg = Segmenter(model, cache=cache)
-        ref_mask = get_slice(lab, k0) == v
-        seg.add_reference(vol, k0, Annotation.from_mask(ref_mask), name=organ)
-        ref = seg._structures[organ].references[0][0]
-        e0 = cache.get(vol, [k0])[0]
-        fg = proto(e0, ref_mask, shape)
-        bg = proto(e0, ~ref_mask, shape)
-        ext = np.flatnonzero(areas)
-        for step in (-1, 1):
-            prev = ref_mask
-            pproto = fg
-            k = k0 + step
-            beyond = 0
-            while 0 <= k < n and beyond < 4:
-                emb = cache.get(vol, [k])
-                vm, vp, vq = seg._vrp([ref], emb, shape)
-                bm, bi = seg._box_decode(emb, seg._grow(mask_box(prev), shape)[None], shape)
-                bm = bm[0]
-                gt = get_slice(lab, k) == v
-                if bm.any():
-                    p = proto(emb[0], bm, shape)
-                    sfg = float(F.cosine_similarity(p, fg, 0))
-                    sbg = float(F.cosine_similarity(p, bg, 0))
-                    sprev = float(F.cosine_similarity(p, pproto, 0))
-                else:
-                    sfg = sbg = sprev = -1.0
-                rows.append(
-                    dict(
-                        case=case.case_id,
-                        organ=organ,
-                        k=k,
-                        d=abs(k - k0),
-                        gt_area=int(gt.sum()),
-                        area=int(bm.sum()),
-                        prev_area=int(prev.sum()),
-                        biou=float(bi[0]),
-                        vpres=float(vp[0]),
-                        viou=float(vq[0]),
-                        agree=_dice(bm, vm[0]),
-                        sfg=sfg,
-                        sbg=sbg,
-                        sprev=sprev,
-                        dice=_dice(bm, gt),
-                        gt_dice_prev=_dice(gt, prev),
-                    )
-                )
-                if not gt.any():
-                    beyond += 1
-                if bm.any():
-                    prev = bm
-                    pproto = p
-                k += step
-    print(case.case_id, len(rows), flush=True)
-    json.dump(rows, open(out, "w"))
+
+def main() -> None:
+    ds_name, ncase, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    organs = sys.argv[4].split(",")
+    cache = EmbeddingCache(load_backbone(device="cpu"), progress=False)
+    model = load_vrp(cache.backbone)
+    ds = MSDDataset.open(Path(__file__).resolve().parents[1].parent / "shared" / "data" / ds_name)
+    rows = []
+    for case in ds.cases("train")[:ncase]:
+        vol, lab = ds.load(case)
+        n = vol.shape[2]
+        shape = slice_shape(vol.shape, 2)
+        for organ in organs:
+            v = ds.label_value(organ)
+            areas = (lab == v).sum((0, 1))
+            if areas.max() == 0:
+                continue
+            k0 = int(np.argmax(areas))
+            seg = Segmenter(model, cache=cache)
+            ref_mask = get_slice(lab, k0) == v
+            seg.add_reference(vol, k0, Annotation.from_mask(ref_mask), name=organ)
+            ref = seg._structures[organ].references[0][0]
+            e0 = cache.get(vol, [k0])[0]
+            fg = proto(e0, ref_mask, shape)
+            bg = proto(e0, ~ref_mask, shape)
+            for step in (-1, 1):
+                prev, pproto, k, beyond = ref_mask, fg, k0 + step, 0
+                while 0 <= k < n and beyond < 4:
+                    emb = cache.get(vol, [k])
+                    vm, vp, vq = seg._vrp([ref], emb, shape)
+                    bm, bi = seg._box_decode(emb, seg._grow(mask_box(prev), shape)[None], shape)
+                    bm = bm[0]
+                    gt = get_slice(lab, k) == v
+                    feats = dict(sfg=-1.0, sbg=-1.0, sprev=-1.0, sring=-1.0, inside=0.0)
+                    if bm.any():
+                        p = proto(emb[0], bm, shape)
+                        grown = ndimage.binary_dilation(prev, iterations=3)
+                        feats = dict(sfg=float(F.cosine_similarity(p, fg, 0)), sbg=float(F.cosine_similarity(p, bg, 0)),
+                                     sprev=float(F.cosine_similarity(p, pproto, 0)),
+                                     sring=float(F.cosine_similarity(p, proto(emb[0], ring(bm), shape), 0)),
+                                     inside=float((bm & grown).sum() / bm.sum()))
+                    rows.append(dict(case=case.case_id, organ=organ, k=k, step=step, d=abs(k - k0),
+                                     gt_area=int(gt.sum()), area=int(bm.sum()), prev_area=int(prev.sum()),
+                                     biou=float(bi[0]), vpres=float(vp[0]), viou=float(vq[0]), agree=_dice(bm, vm[0]),
+                                     dice=_dice(bm, gt), gt_dice_prev=_dice(gt, prev), **feats))
+                    if not gt.any():
+                        beyond += 1
+                    if bm.any():
+                        prev, pproto = bm, p
+                    k += step
+        print(case.case_id, len(rows), flush=True)
+        Path(out).write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

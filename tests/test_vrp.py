@@ -85,3 +85,19 @@ def test_shipped_default_model_loads_with_its_card(backbone):
     assert card["step"] > 0 and card["git_revision"] and card["command"].count("train")
     assert card["config"]["datasets"] and card["trainable_parameters"] == sum(
         p.numel() for p in model.encoder.parameters())
+
+
+def test_fused_target_branch_equals_the_plain_layers_and_trains_the_same_weights():
+    torch.manual_seed(0)
+    enc = VRPEncoder(num_queries=8)
+    for conv in (enc.tgt_fuse[0], enc.tgt_fuse[2]):
+        torch.nn.init.normal_(conv.bias, std=0.1)  # non-zero biases, so the folded bias terms are exercised
+    pos = torch.randn(1, 256, 64, 64)
+    state = enc.encode_reference(torch.randn(2, 256, 64, 64), (torch.rand(2, 1, 64, 64) > 0.6).float(), pos)
+    tgt = torch.randn(2, 256, 64, 64)
+    fused, plain = enc.attend_target(state, tgt, pos), enc.attend_target_reference(state, tgt, pos)
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, atol=1e-5)
+    g_fused = torch.autograd.grad(fused[0].square().sum(), enc.tgt_fuse[2].weight, retain_graph=True)[0]
+    g_plain = torch.autograd.grad(plain[0].square().sum(), enc.tgt_fuse[2].weight)[0]
+    assert torch.allclose(g_fused, g_plain, rtol=1e-3, atol=1e-4) and g_fused.abs().sum() > 0

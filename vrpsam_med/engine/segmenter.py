@@ -57,6 +57,12 @@ Progress = Callable[[int, int, str], None]  # (done, total, message)
 log = logging.getLogger(__name__)
 
 
+# Fitted by bench/fit_stop_rule.py on CHAOS, BTCV and ACDC train slices (docs/vrp.md): weights of
+# (1, cos_fg, cos_bg, cos_ring, SAM IoU, log area ratio to the neighbour).
+STOP_RULE: tuple[float, ...] | None = (-5.214, 6.436, -0.265, -5.009, 4.99, -1.454)
+STOP_PROBABILITY = 0.5
+
+
 class SegmenterError(UsageError):
     """Bad use of the Segmenter (no reference, unknown structure, slice out of range)."""
 
@@ -68,6 +74,12 @@ class SegmenterConfig:
     presence_threshold: float = 0.5  # VRP presence probability (used by segment_slice only; see docs/vrp.md)
     similarity_threshold: float = 0.6  # min cosine(mask prototype, reference foreground prototype) to be present
     min_area_ratio: float = 0.05  # a propagated mask below this share of its neighbour's area ends the structure
+    # Stop rule, second test: logistic "is this slice's mask the structure?" over (1, cos_fg, cos_bg, cos_ring,
+    # SAM IoU, log area ratio to the neighbour); fitted on train slices (bench/fit_stop_rule.py, docs/vrp.md).
+    # cos_ring: the mask's prototype against the tissue just around it: past an organ's end the mask is a
+    # blob of the surrounding tissue. None switches the test off.
+    stop_rule: tuple[float, ...] | None = STOP_RULE
+    stop_probability: float = STOP_PROBABILITY  # keep a propagated slice when the rule's probability >= this
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
     box_margin: float = 0.03  # neighbour's box grows by this share of its size (min 2 px) per side; tuned on train
     localisation: str = "registration"  # other volumes: "registration" (affine prior) | "scan" (VRP at a stride)
@@ -276,6 +288,27 @@ class Segmenter:
             return -1.0, 1.0
         fg, _ = self._prototypes(emb, mask)
         return (max(float(fg @ f) for f, _ in st.prototypes), max(float(fg @ b) for _, b in st.prototypes))
+
+    def _ring_similarity(self, emb: torch.Tensor, mask: np.ndarray) -> float:
+        """Cosine of the mask's prototype to the tissue in a band just outside it (same slice); emb (C, 64, 64)."""
+        width = max(1, round(max(mask.shape) / 32))  # 8 px on a 256-px slice: two embedding cells
+        band = ndimage.binary_dilation(mask, iterations=width) & ~mask
+        if not band.any():
+            return 1.0
+        return float(self._prototypes(emb, mask)[0] @ self._prototypes(emb, band)[0])
+
+    def _slice_probability(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray, iou: float,
+                           prev_area: int) -> float:
+        """The stop rule's probability that ``mask`` (H, W) on a propagated slice is the structure; emb (C, 64, 64)."""
+        w = self.config.stop_rule
+        if w is None:
+            return 1.0
+        if not mask.any():
+            return 0.0
+        sfg, sbg = self._similarity(st, emb, mask)
+        growth = float(np.log((mask.sum() + 1) / (prev_area + 1))) if prev_area else 0.0
+        x = (1.0, sfg, sbg, self._ring_similarity(emb, mask), float(iou), growth)
+        return float(1.0 / (1.0 + np.exp(-float(np.dot(w, x)))))
 
     def _looks_like(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray) -> tuple[bool, float]:
         """Is ``mask`` the referenced structure? (decision, margin = cos_fg - cos_bg)."""
@@ -520,8 +553,11 @@ class Segmenter:
             area_ok = mask.sum() >= cfg.min_area_ratio * max(prev.sum(), 1)
             conf = float(np.clip(iou, 0, 1) * np.clip(similarity_margin / 0.3, 0, 1))
             if best is None or conf > best[1]:
-                best = (mask, conf, bool(looks and area_ok))
-        return best
+                best = (mask, conf, bool(looks and area_ok), iou)
+        mask, conf, ok, iou = best
+        if ok and cfg.stop_rule is not None and not st.ring:  # rings: hole + band, not what the rule was fitted on
+            ok = self._slice_probability(st, emb[0], mask, iou, int(prev.sum())) >= cfg.stop_probability
+        return mask, conf, ok
 
     def _localise(self, st: _Structure, volume: Volume, n: int, vrp, vrp_cache, shape, ax, preset
                   ) -> list[tuple[int, np.ndarray]]:

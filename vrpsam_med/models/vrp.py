@@ -139,7 +139,46 @@ class VRPEncoder(nn.Module):
 
     def attend_target(self, state: ReferenceState, tgt_emb: torch.Tensor, pos: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target branch: state of B references, tgt_emb (B, C, 64, 64) -> tokens (B, K, 256), presence (B,)."""
+        """Target branch: state of B references, tgt_emb (B, C, 64, 64) -> tokens (B, K, 256), presence (B,).
+
+        Computes ``cross_tgt(queries, keys=tgt_fuse([F_t, proto, prior]) + pos, values=tgt_fuse(...))``
+        without materialising what is the same at every pixel: the prototype's channels of the first
+        1x1 conv are a per-reference bias, and the second 1x1 conv is folded into the attention's key and
+        value projections (all linear). Same function as the plain layers, about 40 % fewer FLOPs per target.
+        """
+        b, c, h, w = tgt_emb.shape
+        t_norm = F.normalize(tgt_emb, dim=1)
+        sim_fg = (t_norm * F.normalize(state.fg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
+        sim_bg = (t_norm * F.normalize(state.bg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
+        prior = prior_from_pixels(tgt_emb, state.pixels, state.valid)
+        conv1, conv2 = self.tgt_fuse[0], self.tgt_fuse[2]
+        w1 = conv1.weight[:, :, 0, 0]  # (d, 2C + 3): [F_t | proto | prior, sim_fg, sim_bg]
+        bias = F.linear(state.fg.to(w1.dtype), w1[:, c:2 * c], conv1.bias)  # (B, d)
+        extra = torch.cat([prior.to(tgt_emb.dtype), sim_fg, sim_bg], 1).flatten(2).transpose(1, 2)  # (B, HW, 3)
+        hidden = self.tgt_fuse[1](F.linear(tgt_emb.flatten(2).transpose(1, 2), w1[:, :c])
+                                  + F.linear(extra, w1[:, 2 * c:]) + bias[:, None])  # (B, HW, d)
+        attn = self.cross_tgt.attn
+        d = attn.embed_dim
+        w2, b2 = conv2.weight[:, :, 0, 0], conv2.bias
+        wq, wk, wv = attn.in_proj_weight.split(d)
+        bq, bk, bv = attn.in_proj_bias.split(d)
+        pos_seq = pos.flatten(2).transpose(1, 2)  # (1, HW, d)
+        keys = F.linear(hidden, wk @ w2) + F.linear(pos_seq + b2, wk, bk)
+        values = F.linear(hidden, wv @ w2, F.linear(b2, wv, bv))
+        heads = attn.num_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (B, N, d) -> (B, heads, N, d / heads)
+            return x.unflatten(-1, (heads, d // heads)).transpose(1, 2)
+        q_in = state.queries
+        out = F.scaled_dot_product_attention(split(F.linear(q_in, wq, bq)), split(keys), split(values))
+        q = self.cross_tgt.norm(q_in + attn.out_proj(out.transpose(1, 2).flatten(2)))
+        q = self.self_2(q, q, q)
+        q = self.mlp_norm(q + self.mlp(q))
+        return self.out(q), self.presence(q.mean(1))[:, 0]
+
+    def attend_target_reference(self, state: ReferenceState, tgt_emb: torch.Tensor, pos: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attend_target` written with the plain layers (the definition; kept for tests)."""
         _, _, h, w = tgt_emb.shape
         fg_map = state.fg[:, :, None, None].expand(-1, -1, h, w)
         t_norm = F.normalize(tgt_emb, dim=1)
