@@ -109,3 +109,35 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model": Evil()}, p)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_backbone("litemedsam", checkpoint=p)
+
+
+def test_batched_decoder_equals_sams_own_decoder(backbone):
+    """Backbone.decode (channels-last glue + fused attention) computes what SAM's MaskDecoder computes."""
+    from vrpsam_med.models.backbones import _fuse_decoder_attention
+
+    torch.manual_seed(0)
+    emb = torch.randn(3, 256, 64, 64)
+    sparse = backbone.prompt_tokens(boxes=torch.tensor([[40.0, 50, 120, 140], [10, 10, 60, 90], [100, 80, 200, 230]]))
+    with torch.inference_mode():
+        for multimask in (False, True):
+            ours = backbone.decode(emb, sparse, multimask=multimask)
+            patched = [m for m in backbone.mask_decoder.modules() if "forward" in vars(m)]
+            assert patched, "the decoder's attention layers should use the fused kernel"
+            for m in patched:
+                del m.forward  # SAM's own Attention.forward
+            try:
+                theirs = backbone.mask_decoder(image_embeddings=emb, image_pe=backbone.prompt_encoder.get_dense_pe(),
+                                               sparse_prompt_embeddings=sparse,
+                                               dense_prompt_embeddings=backbone.dense_no_mask(3),
+                                               multimask_output=multimask)
+            finally:
+                _fuse_decoder_attention(backbone.mask_decoder)
+            for a, b in zip(ours, theirs):
+                assert a.shape == b.shape and torch.allclose(a, b, atol=1e-3, rtol=1e-4)
+        # one image, several prompt sets (the engine's ring decoding: outer and inner box together)
+        one = backbone.decode(emb[:1], sparse[:2])
+        for i in range(2):
+            single = backbone.decode(emb[:1], sparse[i:i + 1])
+            assert torch.allclose(one[0][i], single[0][0], atol=1e-3) and torch.allclose(one[1][i], single[1][0], atol=1e-4)
+        with pytest.raises(ValueError, match="2 embeddings for 3 prompt sets"):
+            backbone.decode(emb[:2], sparse)

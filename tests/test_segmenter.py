@@ -251,3 +251,56 @@ def test_few_slice_target_in_another_orientation_is_found(model_and_cache):
     seg.add_reference(vol, 4, Annotation.from_mask(get_slice(lab, 4) == 1), name="ball")
     res = seg.segment(flipped)
     assert dice_3d(res.labels == 1, olab[::-1] == 1) > 0.6
+
+
+def test_ring_similarity_tells_a_distinct_structure_from_a_blob_of_its_surroundings(model_and_cache):
+    import torch
+
+    seg = make(model_and_cache)
+    rng = np.random.default_rng(0)
+    emb = torch.from_numpy(rng.normal(0, 0.1, (256, 64, 64)).astype(np.float32))
+    tissue, organ = rng.normal(size=256).astype(np.float32), rng.normal(size=256).astype(np.float32)
+    emb += torch.from_numpy(tissue)[:, None, None]  # one tissue everywhere ...
+    emb[:, 20:40, 20:40] += torch.from_numpy(organ - tissue)[:, None, None]  # ... and a distinct organ
+    mask = np.zeros((256, 256), bool)
+    mask[80:160, 80:160] = True  # the organ (4 px per embedding cell)
+    blob = np.zeros_like(mask)
+    blob[180:240, 180:240] = True  # a piece of the surrounding tissue
+    assert seg._ring_similarity(emb, mask) < 0.5 < 0.95 < seg._ring_similarity(emb, blob)
+
+
+def test_stop_rule_probability_follows_its_features_and_can_be_switched_off(model_and_cache):
+    import torch
+
+    vol, lab = phantom()
+    seg = make(model_and_cache)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    st = seg._structures["ball"]
+    emb = seg.cache.get(vol, [7])[0]
+    own = get_slice(lab, 7) == 1
+    block = get_slice(lab, 7) == 2  # another structure
+    p_own = seg._slice_probability(st, emb, own, 0.9, int(own.sum()))
+    assert p_own >= seg.config.stop_probability
+    assert seg._slice_probability(st, emb, block, 0.9, int(own.sum())) < p_own
+    assert seg._slice_probability(st, emb, own, 0.2, int(own.sum())) < p_own  # SAM unsure of its mask
+    assert seg._slice_probability(st, emb, np.zeros_like(own), 0.9, 10) == 0.0
+    off = make(model_and_cache, stop_rule=None)
+    assert off._slice_probability(st, emb, block, 0.0, 1) == 1.0
+    assert isinstance(torch.tensor(p_own).item(), float)
+
+
+def test_one_registration_per_reference_and_target_whatever_the_number_of_structures(model_and_cache, monkeypatch):
+    import vrpsam_med.engine.registration as registration
+
+    calls = []
+    real = registration.register_slab
+    monkeypatch.setattr(registration, "register_slab", lambda *a, **k: calls.append(1) or real(*a, **k))
+    vol, lab = phantom()
+    other, _ = phantom(shift=5)
+    seg = make(model_and_cache)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 2), name="block")
+    res = seg.segment(other)
+    assert set(res.structures) == {"ball", "block"} and len(calls) == 1  # 14-slice phantoms: in-plane registration
+    seg.segment(other)
+    assert len(calls) == 1  # and again for the same pair: the transform is kept

@@ -22,7 +22,9 @@ How a structure is found in a volume:
    gives a box prompt (LiteMedSAM's strongest prompt); the slice is "present" while the mask's
    embedding prototype looks like the reference's foreground and not like its background (cosine
    similarity of masked-average embeddings: training-free, measured to separate the organ's own slices
-   from the slices past its end, see docs/benchmarks.md). Propagation stops after
+   from the slices past its end, see docs/benchmarks.md) and a small logistic rule fitted on ``train``
+   slices says the mask stands out from the tissue just around it (past an organ's end SAM returns a
+   blob of the surrounding tissue; docs/vrp.md). Propagation stops after
    ``stop_after_absent`` absent slices, so cost follows the structure's extent. With a registration
    prior, the warped structure's box on the slice is a second candidate (the more confident mask
    wins). A *ring* (a reference enclosing a hole, e.g. the myocardium) is decoded as its hole plus
@@ -193,6 +195,7 @@ class Segmenter:
         self.cache = cache
         self.config = config or SegmenterConfig()
         self._structures: dict[str, _Structure] = {}
+        self._transforms: dict[tuple, object] = {}  # registrations, (reference, target, axis, preset) -> transform
 
     # -- references -------------------------------------------------------------------------
     @property
@@ -630,13 +633,19 @@ class Segmenter:
         )
         from vrpsam_med.io.intensity import model_intensities
 
+        # one registration per (reference volume, target) pair, shared by every structure segmented in it
+        key = (ref_vol.digest(), volume.digest(), ax, preset)
         if min(volume.shape[ax], ref_vol.shape[ax]) > self.config.slab_max_slices:
-            return propagate_labels(volume, ref_vol, atlas.astype(np.int16), register(volume, ref_vol)) > 0
+            if key not in self._transforms:
+                self._transforms[key] = register(volume, ref_vol)
+            return propagate_labels(volume, ref_vol, atlas.astype(np.int16), self._transforms[key]) > 0
 
         def stack(a: np.ndarray) -> np.ndarray:
             return np.stack([get_slice(a, k, ax) for k in range(a.shape[ax])])
         target = stack(model_intensities(volume, preset))
-        orientation, tx = register_slab(target, stack(model_intensities(ref_vol, preset)))
+        if key not in self._transforms:
+            self._transforms[key] = register_slab(target, stack(model_intensities(ref_vol, preset)))
+        orientation, tx = self._transforms[key]
         slices = propagate_slab_labels(target.shape, stack(atlas.astype(np.int16)), orientation, tx)
         warped = np.zeros(volume.shape, bool)
         for k, sl in enumerate(slices):

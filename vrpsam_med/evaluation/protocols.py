@@ -18,6 +18,7 @@ not a 1-shot method; in the volume protocol it is run for other patients only).
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections.abc import Sequence
@@ -79,6 +80,7 @@ class _Segmenters:
         self.method, self.cache, self.predictor = method, cache, predictor
         self.engine_config = None  # SegmenterConfig for method 'engine' (None: the defaults)
         self._transforms: dict[tuple[str, str], object] = {}
+        self._engines: dict[tuple, object] = {}
 
     def atlas(self, svol: Volume, slab: np.ndarray, qvol: Volume, value: int) -> np.ndarray:
         """Registration baseline: the support's label of ``value`` warped onto the query grid (bool)."""
@@ -94,8 +96,17 @@ class _Segmenters:
         """The volume engine: reference slice ``sk`` of ``svol`` -> (bool volume of ``qvol``, cost details)."""
         from vrpsam_med.engine.segmenter import Segmenter
 
-        seg = Segmenter(self.predictor.model, cache=self.cache, config=self.engine_config)
-        seg.add_reference(svol, sk, simulate(mask2d, kind, rng), name="target")
+        annotation = simulate(mask2d, kind, rng)
+        # One Segmenter per reference, reused for every target (as a cohort run does): the reference
+        # volume's own segmentation (registration prior) is then made once, not once per target.
+        key = (svol.digest(), sk, kind, hashlib.sha1(np.packbits(annotation.to_mask(mask2d.shape)).tobytes()).hexdigest())
+        if key not in self._engines:
+            seg = Segmenter(self.predictor.model, cache=self.cache, config=self.engine_config)
+            seg.add_reference(svol, sk, annotation, name="target")
+            self._engines[key] = seg
+            while len(self._engines) > 32:  # references of earlier structures are not needed again
+                self._engines.pop(next(iter(self._engines)))
+        seg = self._engines[key]
         res = seg.segment(qvol)
         st = res.structures["target"]
         return res.labels > 0, {"slices_visited": st.visited, "slices_in_volume": int(qvol.shape[2]),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,24 +219,44 @@ class Backbone(nn.Module):
 
     def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor | None = None,
                multimask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask decoder.
+        """Mask decoder: one prompt set per embedding (or several prompt sets for one embedding).
 
         Args:
-            embeddings: (B, 256, 64, 64) image embeddings.
+            embeddings: (B, 256, 64, 64) image embeddings, or (1, 256, 64, 64) for B prompt sets.
             sparse: (B, N, 256) sparse prompt tokens (box/point tokens or VRP queries).
             dense: (B, 256, 64, 64) dense prompt embedding; default 'no mask'.
         Returns:
             low-res logits (B, 1 or 3, 256, 256) and predicted IoU (B, 1 or 3).
+
+        SAM's ``MaskDecoder.predict_masks`` with its own modules and weights, laid out for batches: the
+        image side is kept channels-last (so the transformer's (B, HW, C) views are contiguous) and in
+        the autocast dtype, the positional encoding is broadcast, not copied per prompt. On CPU this
+        halves the decoder's time per slice (docs/benchmarks.md, "Cost of VRP-SAM per target slice").
         """
+        md = self.mask_decoder
+        b = sparse.shape[0]
+        if embeddings.shape[0] != b:  # one image, several prompt sets (as SAM's decoder allows)
+            if embeddings.shape[0] != 1:
+                raise ValueError(f"decode: {embeddings.shape[0]} embeddings for {b} prompt sets")
+            embeddings = embeddings.expand(b, -1, -1, -1)
+        dtype = torch.get_autocast_dtype(embeddings.device.type) if torch.is_autocast_enabled(
+            embeddings.device.type) else embeddings.dtype
         if dense is None:
-            dense = self.dense_no_mask(embeddings.shape[0])
-        return self.mask_decoder(
-            image_embeddings=embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask,
-        )
+            dense = self.dense_no_mask(b)
+        src = (embeddings.to(dtype) + dense.to(dtype)).contiguous(memory_format=torch.channels_last)
+        pos = self.prompt_encoder.get_dense_pe().to(dtype).contiguous(memory_format=torch.channels_last)
+        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
+        tokens = torch.cat([out_tokens[None].expand(b, -1, -1).to(sparse.dtype), sparse], 1)
+        hs, src = md.transformer(src, pos.expand(b, -1, -1, -1), tokens)
+        c, h, w = embeddings.shape[1:]
+        upscaled = src.transpose(1, 2).reshape(b, c, h, w)  # channels-last memory
+        for layer in md.output_upscaling:
+            upscaled = _layer_norm_2d(layer, upscaled) if type(layer).__name__ == "LayerNorm2d" else layer(upscaled)
+        hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], 1)
+        masks = (hyper @ upscaled.flatten(2)).view(b, -1, *upscaled.shape[-2:])
+        iou = md.iou_prediction_head(hs[:, 0])
+        keep = slice(1, None) if multimask else slice(0, 1)
+        return masks[:, keep], iou[:, keep]
 
     @torch.inference_mode()
     def segment_boxes(self, embeddings: torch.Tensor, boxes: np.ndarray | torch.Tensor,
@@ -323,5 +344,33 @@ def load_backbone(name: str = "litemedsam", checkpoint: str | Path | None = None
     if device.type == "cpu" and os.environ.get("VRPSAM_CHANNELS_LAST", "1") != "0":
         # fastest measured CPU path (docs/benchmarks.md, encoder); same bf16 numerics up to rounding
         model.image_encoder.to(memory_format=torch.channels_last)
+    _fuse_decoder_attention(model.mask_decoder)
     # TinyViT caches attention biases in .eval(): weights are loaded above, so eval now.
     return model.to(device).eval()
+
+
+def _layer_norm_2d(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SAM's ``LayerNorm2d`` (over channels of (B, C, H, W)) as one fused ``layer_norm`` on a channels-last view."""
+    y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+    return y.permute(0, 3, 1, 2)
+
+
+def _sdpa_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's decoder ``Attention.forward`` (same projections, heads and scaling) with the fused kernel.
+
+    q (B, Nq, C), k and v (B, Nk, C) -> (B, Nq, C). The original materialises and soft-maxes the
+    (B, heads, Nq, Nk) score tensor in separate steps; for 4,096 image tokens x ~55 prompt tokens that
+    was the decoder's largest cost on CPU.
+    """
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    out = F.scaled_dot_product_attention(heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v)))
+    return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def _fuse_decoder_attention(decoder: nn.Module) -> None:
+    """Route every attention layer of SAM's mask decoder through :func:`_sdpa_attention` (same weights)."""
+    for module in decoder.modules():
+        if type(module).__name__ == "Attention" and all(hasattr(module, a) for a in ("q_proj", "k_proj", "v_proj",
+                                                                                      "out_proj", "num_heads")):
+            module.forward = types.MethodType(_sdpa_attention, module)

@@ -147,16 +147,18 @@ class VRPEncoder(nn.Module):
         value projections (all linear). Same function as the plain layers, about 40 % fewer FLOPs per target.
         """
         b, c, h, w = tgt_emb.shape
-        t_norm = F.normalize(tgt_emb, dim=1)
-        sim_fg = (t_norm * F.normalize(state.fg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
-        sim_bg = (t_norm * F.normalize(state.bg, dim=1)[:, :, None, None]).sum(1, keepdim=True)
-        prior = prior_from_pixels(tgt_emb, state.pixels, state.valid)
+        t_seq = tgt_emb.flatten(2).transpose(1, 2)  # (B, HW, C)
+        t_norm = F.normalize(t_seq, dim=2)
+        protos = F.normalize(torch.stack([state.fg, state.bg], 2), dim=1).to(t_norm.dtype)  # (B, C, 2)
+        sims = t_norm @ protos  # (B, HW, 2): cosine to the foreground and background prototypes
+        sim = (t_norm @ state.pixels.to(t_norm.dtype)).masked_fill(~state.valid[:, None, :], -1.0).amax(2)
+        lo, hi = sim.amin(1, keepdim=True), sim.amax(1, keepdim=True)
+        prior = (sim - lo) / (hi - lo).clamp_min(1e-6) * state.valid.any(1, keepdim=True)  # as prior_from_pixels
         conv1, conv2 = self.tgt_fuse[0], self.tgt_fuse[2]
         w1 = conv1.weight[:, :, 0, 0]  # (d, 2C + 3): [F_t | proto | prior, sim_fg, sim_bg]
         bias = F.linear(state.fg.to(w1.dtype), w1[:, c:2 * c], conv1.bias)  # (B, d)
-        extra = torch.cat([prior.to(tgt_emb.dtype), sim_fg, sim_bg], 1).flatten(2).transpose(1, 2)  # (B, HW, 3)
-        hidden = self.tgt_fuse[1](F.linear(tgt_emb.flatten(2).transpose(1, 2), w1[:, :c])
-                                  + F.linear(extra, w1[:, 2 * c:]) + bias[:, None])  # (B, HW, d)
+        extra = torch.cat([prior[:, :, None].to(sims.dtype), sims], 2)  # (B, HW, 3)
+        hidden = self.tgt_fuse[1](F.linear(t_seq, w1[:, :c]) + F.linear(extra, w1[:, 2 * c:]) + bias[:, None])
         attn = self.cross_tgt.attn
         d = attn.embed_dim
         w2, b2 = conv2.weight[:, :, 0, 0], conv2.bias
