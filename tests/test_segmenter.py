@@ -304,3 +304,18 @@ def test_one_registration_per_reference_and_target_whatever_the_number_of_struct
     assert set(res.structures) == {"ball", "block"} and len(calls) == 1  # 14-slice phantoms: in-plane registration
     seg.segment(other)
     assert len(calls) == 1  # and again for the same pair: the transform is kept
+
+
+def test_stop_rule_decides_propagation_and_can_be_kept_to_the_reference_volume(model_and_cache, monkeypatch):
+    vol, lab = phantom()
+    other, olab = phantom(shift=5)
+    for scope in (True, False):
+        seg = make(model_and_cache, stop_rule_other_volumes=scope)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        seg.segment(other)  # the registration prior (the reference volume's own segmentation) is made here
+        monkeypatch.setattr(seg, "_slice_probability", lambda *a, **k: 0.0)  # the rule now rejects every slice
+        same = seg.segment(vol).structures["ball"]
+        assert np.flatnonzero(same.present).tolist() == [6]  # only the annotated slice is left
+        found = seg.segment(other).structures["ball"]
+        assert bool(found.present.sum() > 1) is (not scope)
+        monkeypatch.undo()

@@ -82,6 +82,7 @@ class SegmenterConfig:
     # blob of the surrounding tissue. None switches the test off.
     stop_rule: tuple[float, ...] | None = STOP_RULE
     stop_probability: float = STOP_PROBABILITY  # keep a propagated slice when the rule's probability >= this
+    stop_rule_other_volumes: bool = True  # also in volumes without a reference (the rule was fitted on same-volume slices)
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
     box_margin: float = 0.03  # neighbour's box grows by this share of its size (min 2 px) per side; tuned on train
     localisation: str = "registration"  # other volumes: "registration" (affine prior) | "scan" (VRP at a stride)
@@ -508,7 +509,7 @@ class Segmenter:
                         vrp([k])
                     prior = get_slice(prior3d, k, ax) if prior3d is not None else None
                     mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset,
-                                                     margin, prior)
+                                                     margin, prior, rule=bool(same) or cfg.stop_rule_other_volumes)
                     conf[k] = pk
                     if progress:
                         progress(int(np.isfinite(conf).sum()), n, "slices")
@@ -533,8 +534,8 @@ class Segmenter:
 
     def _propagate_one(self, st: _Structure, volume: Volume, k: int, prev: np.ndarray,
                        vrp_out: tuple[np.ndarray, float, float, float] | None, shape: tuple[int, int], ax: int,
-                       preset: str | None, margin: float | None = None, prior: np.ndarray | None = None
-                       ) -> tuple[np.ndarray, float, bool]:
+                       preset: str | None, margin: float | None = None, prior: np.ndarray | None = None,
+                       rule: bool = True) -> tuple[np.ndarray, float, bool]:
         """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
 
         Confidence = SAM's predicted IoU x how clearly the mask looks like the reference's foreground
@@ -558,7 +559,7 @@ class Segmenter:
             if best is None or conf > best[1]:
                 best = (mask, conf, bool(looks and area_ok), iou)
         mask, conf, ok, iou = best
-        if ok and cfg.stop_rule is not None and not st.ring:  # rings: hole + band, not what the rule was fitted on
+        if ok and rule and cfg.stop_rule is not None and not st.ring:  # rings: hole + band, not what the rule was fitted on
             ok = self._slice_probability(st, emb[0], mask, iou, int(prev.sum())) >= cfg.stop_probability
         return mask, conf, ok
 
