@@ -13,7 +13,8 @@ are scored by a rule fitted without that patient, and propagation is replayed on
 (a slice that fails the rule counts as absent; two absent slices in a row end the direction) to give
 3D Dice and the share of empty slices given a mask per structure, for each probability threshold.
 Ring structures (the myocardium) are left out: the engine decodes them as hole + wall band and keeps
-only the prototype test for them. The last line is the rule fitted on all patients, to paste into ``vrpsam_med/engine/segmenter.py``.
+only the prototype test for them. The last line is the rule fitted on all patients, to paste into
+``vrpsam_med/engine/segmenter.py``.
 """
 import json
 import sys

@@ -7,8 +7,8 @@ For each organ: seed = its largest slice (ground-truth mask), then outward with 
 cosine similarity of the mask's embedding prototype to the reference foreground / background
 (``sfg`` / ``sbg``; the engine keeps a slice when sfg >= 0.6 and sfg > sbg, docs/vrp.md), to the
 previous slice's mask (``sprev``) and to the ring of tissue just around the mask on the same slice
-(``sring``); the share of the mask inside the previous mask grown by 3 px (``inside``) and the area
-ratio to the previous mask (``area / prev_area``).
+(``sring``), computed by the engine's own methods, and the area ratio to the previous mask
+(``area / prev_area``).
 """
 
 import json
@@ -16,28 +16,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy import ndimage
 
 from vrpsam_med.engine.segmenter import Segmenter, _dice
 from vrpsam_med.io.msd import MSDDataset
 from vrpsam_med.io.volume import get_slice, slice_shape
-from vrpsam_med.models.backbones import SliceGeometry, load_backbone
+from vrpsam_med.models.backbones import load_backbone
 from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.models.vrp import load_vrp
 from vrpsam_med.prompts import Annotation, mask_box
-
-
-def proto(emb: torch.Tensor, mask: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    geom = SliceGeometry(*shape, 256)
-    m = geom.mask_to_model(torch.from_numpy(mask)[None].float())[0]
-    g = F.adaptive_avg_pool2d(m[None].float(), 64)[0, 0]
-    return (emb.float() * g).sum((1, 2)) / g.sum().clamp_min(1e-6)
-
-
-def ring(mask: np.ndarray, width: int = 8) -> np.ndarray:
-    return ndimage.binary_dilation(mask, iterations=width) & ~mask
 
 
 def main() -> None:
@@ -60,10 +46,9 @@ def main() -> None:
             seg = Segmenter(model, cache=cache)
             ref_mask = get_slice(lab, k0) == v
             seg.add_reference(vol, k0, Annotation.from_mask(ref_mask), name=organ)
-            ref = seg._structures[organ].references[0][0]
-            e0 = cache.get(vol, [k0])[0]
-            fg = proto(e0, ref_mask, shape)
-            bg = proto(e0, ~ref_mask, shape)
+            st = seg._structures[organ]
+            ref = st.references[0][0]
+            fg = st.prototypes[0][0]
             for step in (-1, 1):
                 prev, pproto, k, beyond = ref_mask, fg, k0 + step, 0
                 while 0 <= k < n and beyond < 4:
@@ -72,14 +57,12 @@ def main() -> None:
                     bm, bi = seg._box_decode(emb, seg._grow(mask_box(prev), shape)[None], shape)
                     bm = bm[0]
                     gt = get_slice(lab, k) == v
-                    feats = dict(sfg=-1.0, sbg=-1.0, sprev=-1.0, sring=-1.0, inside=0.0)
-                    if bm.any():
-                        p = proto(emb[0], bm, shape)
-                        grown = ndimage.binary_dilation(prev, iterations=3)
-                        feats = dict(sfg=float(F.cosine_similarity(p, fg, 0)), sbg=float(F.cosine_similarity(p, bg, 0)),
-                                     sprev=float(F.cosine_similarity(p, pproto, 0)),
-                                     sring=float(F.cosine_similarity(p, proto(emb[0], ring(bm), shape), 0)),
-                                     inside=float((bm & grown).sum() / bm.sum()))
+                    feats = dict(sfg=-1.0, sbg=-1.0, sprev=-1.0, sring=-1.0)
+                    if bm.any():  # the engine's own features (Segmenter._slice_probability)
+                        p = seg._prototypes(emb[0], bm)[0]
+                        sfg, sbg = seg._similarity_of(st, p)
+                        feats = dict(sfg=sfg, sbg=sbg, sprev=float(p @ pproto),
+                                     sring=seg._ring_similarity(emb[0], bm, p))
                     rows.append(dict(case=case.case_id, organ=organ, k=k, step=step, d=abs(k - k0),
                                      gt_area=int(gt.sum()), area=int(bm.sum()), prev_area=int(prev.sum()),
                                      biou=float(bi[0]), vpres=float(vp[0]), viou=float(vq[0]), agree=_dice(bm, vm[0]),

@@ -46,8 +46,10 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             model.predict_with_state(state, targets[:batch])
 
-    settings = {f"VRP + decoder {'bf16 (default)' if bf16 else 'fp32'}, {'batch 1' if b == 1 else 'per slice in batch 8'}":
-                (b, bf16) for bf16 in (False, True) for b in (1, 8)}
+    def label(b: int, bf16: bool) -> str:
+        batch = "batch 1" if b == 1 else "per slice in batch 8"
+        return f"VRP + decoder {'bf16 (default)' if bf16 else 'fp32'}, {batch}"
+    settings = {label(b, bf16): (b, bf16) for bf16 in (False, True) for b in (1, 8)}
     times: dict[str, list[float]] = {"encoder": [], **{k: [] for k in settings}}
     ratios: dict[str, list[float]] = {k: [] for k in settings}
     for r in range(args.repeats + 1):  # the first round warms up and is dropped

@@ -138,6 +138,7 @@ def test_batched_decoder_equals_sams_own_decoder(backbone):
         one = backbone.decode(emb[:1], sparse[:2])
         for i in range(2):
             single = backbone.decode(emb[:1], sparse[i:i + 1])
-            assert torch.allclose(one[0][i], single[0][0], atol=1e-3) and torch.allclose(one[1][i], single[1][0], atol=1e-4)
+            assert torch.allclose(one[0][i], single[0][0], atol=1e-3)
+            assert torch.allclose(one[1][i], single[1][0], atol=1e-4)
         with pytest.raises(ValueError, match="2 embeddings for 3 prompt sets"):
             backbone.decode(emb[:2], sparse)

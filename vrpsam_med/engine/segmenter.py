@@ -82,7 +82,7 @@ class SegmenterConfig:
     # blob of the surrounding tissue. None switches the test off.
     stop_rule: tuple[float, ...] | None = STOP_RULE
     stop_probability: float = STOP_PROBABILITY  # keep a propagated slice when the rule's probability >= this
-    stop_rule_other_volumes: bool = True  # also in volumes without a reference (the rule was fitted on same-volume slices)
+    stop_rule_other_volumes: bool = True  # also in volumes without a reference (fitted on same-volume slices)
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
     box_margin: float = 0.03  # neighbour's box grows by this share of its size (min 2 px) per side; tuned on train
     localisation: str = "registration"  # other volumes: "registration" (affine prior) | "scan" (VRP at a stride)
@@ -290,16 +290,22 @@ class Segmenter:
         """(cos to the references' foreground, cos to their background), best over references; emb (C, 64, 64)."""
         if not mask.any():
             return -1.0, 1.0
-        fg, _ = self._prototypes(emb, mask)
-        return (max(float(fg @ f) for f, _ in st.prototypes), max(float(fg @ b) for _, b in st.prototypes))
+        return self._similarity_of(st, self._prototypes(emb, mask)[0])
 
-    def _ring_similarity(self, emb: torch.Tensor, mask: np.ndarray) -> float:
-        """Cosine of the mask's prototype to the tissue in a band just outside it (same slice); emb (C, 64, 64)."""
+    @staticmethod
+    def _similarity_of(st: _Structure, proto: torch.Tensor) -> tuple[float, float]:
+        """(cos to the references' foreground, cos to their background) of a unit-norm prototype (C,)."""
+        return (max(float(proto @ f) for f, _ in st.prototypes), max(float(proto @ b) for _, b in st.prototypes))
+
+    def _ring_similarity(self, emb: torch.Tensor, mask: np.ndarray, proto: torch.Tensor | None = None) -> float:
+        """Cosine of the mask's prototype (``proto`` if given) to the tissue in a band just outside it (same
+        slice); emb (C, 64, 64)."""
         width = max(1, round(max(mask.shape) / 32))  # 8 px on a 256-px slice: two embedding cells
         band = ndimage.binary_dilation(mask, iterations=width) & ~mask
         if not band.any():
             return 1.0
-        return float(self._prototypes(emb, mask)[0] @ self._prototypes(emb, band)[0])
+        proto = self._prototypes(emb, mask)[0] if proto is None else proto
+        return float(proto @ self._prototypes(emb, band)[0])
 
     def _slice_probability(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray, iou: float,
                            prev_area: int) -> float:
@@ -309,9 +315,10 @@ class Segmenter:
             return 1.0
         if not mask.any():
             return 0.0
-        sfg, sbg = self._similarity(st, emb, mask)
+        proto = self._prototypes(emb, mask)[0]
+        sfg, sbg = self._similarity_of(st, proto)
         growth = float(np.log((mask.sum() + 1) / (prev_area + 1))) if prev_area else 0.0
-        x = (1.0, sfg, sbg, self._ring_similarity(emb, mask), float(iou), growth)
+        x = (1.0, sfg, sbg, self._ring_similarity(emb, mask, proto), float(iou), growth)
         return float(1.0 / (1.0 + np.exp(-float(np.dot(w, x)))))
 
     def _looks_like(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray) -> tuple[bool, float]:
@@ -559,7 +566,8 @@ class Segmenter:
             if best is None or conf > best[1]:
                 best = (mask, conf, bool(looks and area_ok), iou)
         mask, conf, ok, iou = best
-        if ok and rule and cfg.stop_rule is not None and not st.ring:  # rings: hole + band, not what the rule was fitted on
+        # rings are decoded as hole + band, which is not what the rule was fitted on
+        if ok and rule and cfg.stop_rule is not None and not st.ring:
             ok = self._slice_probability(st, emb[0], mask, iou, int(prev.sum())) >= cfg.stop_probability
         return mask, conf, ok
 

@@ -99,7 +99,8 @@ class _Segmenters:
         annotation = simulate(mask2d, kind, rng)
         # One Segmenter per reference, reused for every target (as a cohort run does): the reference
         # volume's own segmentation (registration prior) is then made once, not once per target.
-        key = (svol.digest(), sk, kind, hashlib.sha1(np.packbits(annotation.to_mask(mask2d.shape)).tobytes()).hexdigest())
+        drawn = np.packbits(annotation.to_mask(mask2d.shape)).tobytes()
+        key = (svol.digest(), sk, kind, hashlib.sha1(drawn).hexdigest())
         if key not in self._engines:
             seg = Segmenter(self.predictor.model, cache=self.cache, config=self.engine_config)
             seg.add_reference(svol, sk, annotation, name="target")
