@@ -142,3 +142,28 @@ def test_batched_decoder_equals_sams_own_decoder(backbone):
             assert torch.allclose(one[1][i], single[1][0], atol=1e-4)
         with pytest.raises(ValueError, match="2 embeddings for 3 prompt sets"):
             backbone.decode(emb[:2], sparse)
+
+
+def test_two_way_transformer_equals_sams_with_lora_adapters(backbone):
+    """The decoder's transformer with positional terms moved past the projections = SAM's own forward,
+    also when LoRA adapters (fine-tuned decoders) replace the projections."""
+    import copy
+
+    from vrpsam_med.models.backbones import _two_way_transformer
+    from vrpsam_med.models.lora import LoRALinear, apply_lora
+
+    bb = copy.deepcopy(backbone)
+    apply_lora(bb.mask_decoder, 4, 8.0)
+    torch.manual_seed(0)
+    adapters = [m for m in bb.mask_decoder.modules() if isinstance(m, LoRALinear)]
+    assert adapters
+    for m in adapters:
+        m.lora_b.data.normal_(0, 0.05)
+    tf = bb.mask_decoder.transformer
+    image, pe, tokens = torch.randn(2, 256, 64, 64), bb.prompt_encoder.get_dense_pe(), torch.randn(2, 7, 256)
+    with torch.inference_mode():
+        q1, k1 = _two_way_transformer(tf, image.flatten(2).transpose(1, 2), pe.flatten(2).transpose(1, 2), tokens)
+        q2, k2 = tf(image, pe.expand(2, -1, -1, -1), tokens)
+    assert torch.allclose(q1, q2, atol=1e-4, rtol=1e-4) and torch.allclose(k1, k2, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(q1, _two_way_transformer(backbone.mask_decoder.transformer, image.flatten(2).transpose(
+        1, 2), pe.flatten(2).transpose(1, 2), tokens)[0], atol=1e-3)  # the adapters do change the result

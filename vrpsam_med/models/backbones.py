@@ -247,16 +247,20 @@ class Backbone(nn.Module):
         pos = self.prompt_encoder.get_dense_pe().to(dtype).contiguous(memory_format=torch.channels_last)
         out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], 0)
         tokens = torch.cat([out_tokens[None].expand(b, -1, -1).to(sparse.dtype), sparse], 1)
-        hs, src = md.transformer(src, pos.expand(b, -1, -1, -1), tokens)
         c, h, w = embeddings.shape[1:]
-        upscaled = src.transpose(1, 2).reshape(b, c, h, w)  # channels-last memory
-        for layer in md.output_upscaling:
-            upscaled = _layer_norm_2d(layer, upscaled) if type(layer).__name__ == "LayerNorm2d" else layer(upscaled)
-        hyper = torch.stack([mlp(hs[:, 1 + i]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], 1)
-        masks = (hyper @ upscaled.flatten(2)).view(b, -1, *upscaled.shape[-2:])
+        hs, src = _two_way_transformer(md.transformer, src.flatten(2).transpose(1, 2), pos.flatten(2).transpose(1, 2),
+                                       tokens)
+        keep = range(1, md.num_mask_tokens) if multimask else range(1)  # SAM's output choice; only those are made
+        hyper = torch.stack([md.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in keep], 1)
+        if _is_sam_upscaling(md.output_upscaling):
+            masks = _upscale_pixelwise(md.output_upscaling, src, hyper, h, w)
+        else:  # another decoder layout: its own layers
+            upscaled = src.transpose(1, 2).reshape(b, c, h, w)  # channels-last memory
+            for layer in md.output_upscaling:
+                upscaled = _layer_norm_2d(layer, upscaled) if type(layer).__name__ == "LayerNorm2d" else layer(upscaled)
+            masks = (hyper @ upscaled.flatten(2)).view(b, -1, *upscaled.shape[-2:])
         iou = md.iou_prediction_head(hs[:, 0])
-        keep = slice(1, None) if multimask else slice(0, 1)
-        return masks[:, keep], iou[:, keep]
+        return masks, iou[:, keep.start:keep.stop]
 
     @torch.inference_mode()
     def segment_boxes(self, embeddings: torch.Tensor, boxes: np.ndarray | torch.Tensor,
@@ -366,6 +370,99 @@ def _sdpa_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
     out = F.scaled_dot_product_attention(heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v)))
     return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def _is_sam_upscaling(layers: nn.Module) -> bool:
+    """SAM's ``output_upscaling``: ConvTranspose(2, 2) -> LayerNorm2d -> GELU -> ConvTranspose(2, 2) -> GELU."""
+    names = [type(m).__name__ for m in layers]
+    return names == ["ConvTranspose2d", "LayerNorm2d", "GELU", "ConvTranspose2d", "GELU"] and all(
+        layers[i].kernel_size == (2, 2) and layers[i].stride == (2, 2) and layers[i].padding == (0, 0)
+        for i in (0, 3)) and all(getattr(layers[i], "approximate", "none") == "none" for i in (2, 4))
+
+
+def _upscale_pixelwise(layers: nn.Module, src: torch.Tensor, hyper: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """SAM's output upscaling and mask product, computed per embedding pixel: (B, h*w, C), (B, n, C') -> (B, n, 4h, 4w).
+
+    A stride-2, 2x2 transposed conv maps each input pixel to its own 2x2 output pixels, so both are
+    matrix products on the (B, HW, C) token layout the transformer returns; the 4x4 output pixels of an
+    embedding pixel stay together until the final (B, n, 4h, 4w) masks are arranged, which avoids the
+    two pixel-shuffles and layout changes of 16-million-element tensors that the conv path pays.
+    """
+    up1, norm, _, up2, _ = layers
+    b = src.shape[0]
+
+    def as_linear(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:  # (in, out, 2, 2) -> (4*out, in)
+        wt = conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.weight.shape[0])
+        return wt, conv.bias.repeat(4)
+    x = F.linear(src, *as_linear(up1)).unflatten(-1, (4, -1))  # (B, HW, 4, C1): sub-pixel (a1, b1), channels
+    x = F.gelu(F.layer_norm(x, (x.shape[-1],), norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps))
+    x = _linear_gelu(x, *as_linear(up2))  # (B, HW, 4, 4 * C2): then sub-pixel (a2, b2), channels
+    m = x.reshape(b, -1, hyper.shape[-1]) @ hyper.transpose(1, 2).to(x.dtype)  # (B, HW * 16, n)
+    m = m.view(b, h, w, 2, 2, 2, 2, -1)  # (i, j, a1, b1, a2, b2): output pixel (4i + 2a1 + a2, 4j + 2b1 + b2)
+    return m.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(b, -1, 4 * h, 4 * w)
+
+
+def _linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``gelu(linear(x, weight, bias))`` (exact GELU); without autograd, as one fused matmul + activation kernel.
+
+    ``torch._addmm_activation`` applies the GELU in the matmul's epilogue: on CPU it halves the time of
+    this 16-million-element step (docs/benchmarks.md, "Cost of VRP-SAM per target slice"). It has no
+    backward, so training (LoRA on the decoder, VRP episodes) takes the plain path.
+    """
+    fused = getattr(torch, "_addmm_activation", None)
+    if fused is None or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.gelu(F.linear(x, weight.to(x.dtype), bias.to(x.dtype)))
+    out = fused(bias.to(x.dtype), x.reshape(-1, x.shape[-1]), weight.to(x.dtype).t(), use_gelu=True)
+    return out.view(*x.shape[:-1], -1)
+
+
+def _two_way_transformer(tf: nn.Module, image: torch.Tensor, pe: torch.Tensor, tokens: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAM's ``TwoWayTransformer.forward`` with its own modules: image (B, HW, C), pe (1, HW, C), tokens (B, N, C).
+
+    Returns (queries (B, N, C), keys (B, HW, C)). The image positional encoding only ever enters a linear
+    projection, so ``proj(keys + pe)`` is computed as ``proj(keys) + proj_without_bias(pe)``: the pe term
+    once per call for the whole batch (and per layer) instead of five (B, HW, C) additions; SAM adds it
+    before each of the five projections that use it.
+    """
+    queries, keys = tokens, image
+    for layer in tf.layers:
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + tokens
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+        t2i = layer.cross_attn_token_to_image
+        queries = layer.norm2(queries + _attention(t2i, queries + tokens, keys, keys, k_pe=_pe_term(t2i.k_proj, pe)))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        i2t = layer.cross_attn_image_to_token
+        keys = layer.norm4(keys + _attention(i2t, keys, queries + tokens, queries, q_pe=_pe_term(i2t.q_proj, pe)))
+    final = tf.final_attn_token_to_image
+    queries = tf.norm_final_attn(queries + _attention(final, queries + tokens, keys, keys,
+                                                      k_pe=_pe_term(final.k_proj, pe)))
+    return queries, keys
+
+
+def _pe_term(proj: nn.Module, pe: torch.Tensor) -> torch.Tensor:
+    """``proj(x + pe) - proj(x)`` for an affine ``proj`` (nn.Linear, or LoRA-adapted): (1, HW, C) -> (1, HW, C')."""
+    if isinstance(proj, nn.Linear):
+        return F.linear(pe, proj.weight)
+    if hasattr(proj, "without_bias"):  # LoRA-adapted projection
+        return proj.without_bias(pe)
+    return proj(pe) - proj(pe.new_zeros(1, 1, pe.shape[-1]))
+
+
+def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               q_pe: torch.Tensor | None = None, k_pe: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`_sdpa_attention` with positional terms added after the q / k projections (see :func:`_pe_term`)."""
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+    q, k = attn.q_proj(q), attn.k_proj(k)
+    q = q if q_pe is None else q + q_pe.to(q.dtype)
+    k = k if k_pe is None else k + k_pe.to(k.dtype)
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(attn.v_proj(v)))
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
 def _fuse_decoder_attention(decoder: nn.Module) -> None:

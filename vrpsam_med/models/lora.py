@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LORA_FILE = "lora_decoder.safetensors"
@@ -49,7 +50,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
-        return self.base(x) + (x @ self.lora_a.to(x.dtype).t() @ self.lora_b.to(x.dtype).t()) * self.scale
+        return self.base(x) + self._update(x)
+
+    def without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """The linear part, ``forward(x) - bias`` (the decoder adds positional terms after projecting)."""
+        return F.linear(x, self.base.weight) + self._update(x)
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.lora_a.to(x.dtype).t() @ self.lora_b.to(x.dtype).t()) * self.scale
 
 
 def apply_lora(module: nn.Module, rank: int, alpha: float, targets: str = DEFAULT_TARGETS) -> list[str]:
