@@ -366,10 +366,7 @@ def _sdpa_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> 
     (B, heads, Nq, Nk) score tensor in separate steps; for 4,096 image tokens x ~55 prompt tokens that
     was the decoder's largest cost on CPU.
     """
-    def heads(x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-    out = F.scaled_dot_product_attention(heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v)))
-    return self.out_proj(out.transpose(1, 2).flatten(2))
+    return _attention(self, q, k, v)
 
 
 def _is_sam_upscaling(layers: nn.Module) -> bool:
@@ -445,17 +442,14 @@ def _two_way_transformer(tf: nn.Module, image: torch.Tensor, pe: torch.Tensor, t
 
 
 def _pe_term(proj: nn.Module, pe: torch.Tensor) -> torch.Tensor:
-    """``proj(x + pe) - proj(x)`` for an affine ``proj`` (nn.Linear, or LoRA-adapted): (1, HW, C) -> (1, HW, C')."""
-    if isinstance(proj, nn.Linear):
-        return F.linear(pe, proj.weight)
-    if hasattr(proj, "without_bias"):  # LoRA-adapted projection
-        return proj.without_bias(pe)
-    return proj(pe) - proj(pe.new_zeros(1, 1, pe.shape[-1]))
+    """``proj(x + pe) - proj(x)`` for ``proj`` an nn.Linear or a LoRA-adapted one: (1, HW, C) -> (1, HW, C')."""
+    return F.linear(pe, proj.weight) if isinstance(proj, nn.Linear) else proj.without_bias(pe)
 
 
 def _attention(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                q_pe: torch.Tensor | None = None, k_pe: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`_sdpa_attention` with positional terms added after the q / k projections (see :func:`_pe_term`)."""
+    """SAM's decoder attention through the fused kernel, with optional positional terms added after the q / k
+    projections (see :func:`_pe_term`)."""
     def heads(x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
     q, k = attn.q_proj(q), attn.k_proj(k)
