@@ -6,10 +6,6 @@ once per module, so the whole file stays within a few minutes on 2 CPU cores.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun_helper import run_two_ranks
 
 from vrpsam_med.errors import UsageError
 from vrpsam_med.io.errors import VolumeError
@@ -290,18 +287,19 @@ def test_model_run_dir_loads_everywhere(env, straight_run, backbone):
 DDP_SCRIPT = """
 import sys, torch
 from pathlib import Path
-import torch.distributed as dist
 from vrpsam_med.models.backbones import load_backbone
 from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.training.finetune import finetune, load_finetune_config, prepare
+from vrpsam_med.training.train import distributed_session
 torch.set_num_threads(1)
 cfg = load_finetune_config(None, {{"dataset": {data!r}, "labels": ["organ"], "max_steps": 2, "batch_size": 1,
     "bf16": False, "validation.every": 2, "validation.protocol": "fewshot", "validation.max_cases": 2}})
 cache = EmbeddingCache(load_backbone(device="cpu"), {cache!r}, progress=False)
-records, ds, info = prepare(cfg, cache)
-res = finetune(cfg, records, ds, cache, Path({run!r}), info)
+with distributed_session() as (rank, world, distributed):
+    records, ds, info = prepare(cfg, cache)
+    res = finetune(cfg, records, ds, cache, Path({run!r}), info)
 # one file per rank: the two processes share stdout, so printed lines can interleave
-Path({base!r}, f"rank{{dist.get_rank()}}.json").write_text(
+Path({base!r}, f"rank{{rank}}.json").write_text(
     __import__("json").dumps({{"step": res.step, "best": res.best_step, "n_hist": len(res.history)}}))
 """
 
@@ -312,13 +310,7 @@ def test_ddp_two_processes_gloo(env):
     script = base / "ddp.py"
     script.write_text(DDP_SCRIPT.format(data=str(env["data"]), cache=str(env["cache"]), run=str(base / "run"),
                                         base=str(base)))
-    with socket.socket() as s:  # a free loopback port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(script)], capture_output=True, text=True,
-                          encoding="utf-8", errors="replace", env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(script, base / "logs")
     r0, r1 = (json.loads((base / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["step"] == r1["step"] == 2 and r0["best"] == r1["best"]  # rank 0's decisions reach rank 1
     assert r0["n_hist"] == 2 and r1["n_hist"] == 0  # only rank 0 validates

@@ -1,14 +1,11 @@
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torchrun_helper import run_two_ranks
 
 from vrpsam_med.models.backbones import load_backbone
 from vrpsam_med.training.data import CaseRecord, to_model_space
@@ -134,28 +131,21 @@ sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_training import synthetic_records
 from vrpsam_med.models.backbones import load_backbone
-from vrpsam_med.training.train import TrainConfig, train
-import torch.distributed as dist
+from vrpsam_med.training.train import TrainConfig, distributed_session, train
 torch.set_num_threads(1)
 recs = synthetic_records(Path({tmp!r}))
-row = train(TrainConfig(batch_size=1, max_steps=2, checkpoint_every=2, num_queries=8, bf16=False), recs,
-            load_backbone(device="cpu"), Path({run!r}))
+with distributed_session() as (rank, world, distributed):
+    row = train(TrainConfig(batch_size=1, max_steps=2, checkpoint_every=2, num_queries=8, bf16=False), recs,
+                load_backbone(device="cpu"), Path({run!r}))
 # one file per rank: the two processes share stdout, so printed lines can interleave
-Path({tmp!r}, f"rank{{dist.get_rank()}}.txt").write_text(f"STEP {{row['step']}}")
+Path({tmp!r}, f"rank{{rank}}.txt").write_text(f"STEP {{row['step']}}")
 """
 
 
 def test_ddp_two_processes_gloo(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), run=str(tmp_path / "run")))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free loopback port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(script)], capture_output=True, text=True,
-                          encoding="utf-8", errors="replace", env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_two_ranks(script, tmp_path / "logs")
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "STEP 2"
     state = torch.load(tmp_path / "run" / "last" / "state.pt", weights_only=True)

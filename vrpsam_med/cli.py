@@ -305,7 +305,7 @@ def cmd_train(args) -> int:
     from vrpsam_med.io.msd import MSDDataset
     from vrpsam_med.training.config import load_train_config
     from vrpsam_med.training.data import prepare_case
-    from vrpsam_med.training.train import train
+    from vrpsam_med.training.train import distributed_session, train
 
     overrides = {"datasets": [str(d) for d in args.datasets] if args.datasets else None, "split": args.split,
                  "exclude_labels": [x for x in args.exclude_labels.split(",") if x] if args.exclude_labels else None,
@@ -328,7 +328,8 @@ def cmd_train(args) -> int:
     unknown = [x for x in cfg.exclude_labels if x not in known]
     if unknown:
         raise UsageError(f"--exclude-labels: {', '.join(unknown)} not a label of these datasets")
-    row = train(cfg, records, cache.backbone, args.out, command=" ".join(sys.argv))
+    with distributed_session():
+        row = train(cfg, records, cache.backbone, args.out, command=" ".join(sys.argv))
     print(f"stopped at step {row.get('step')}: {row}")
     return 0
 
@@ -338,6 +339,7 @@ def cmd_finetune(args) -> int:
 
     from vrpsam_med.errors import UsageError
     from vrpsam_med.training.finetune import check_data, finetune, load_finetune_config, preflight, prepare
+    from vrpsam_med.training.train import distributed_session
 
     overrides: dict = {}
     for item in args.set_values:
@@ -361,11 +363,12 @@ def cmd_finetune(args) -> int:
         raise UsageError("finetune needs an on-disk embedding cache: drop --cache-dir none")
     if not (args.out / "last" / "state.pt").exists():
         preflight(cfg, cache.backbone)  # memory estimate: refuse before encoding anything
-    records, ds, info = prepare(cfg, cache, data)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
-        print(f"{info['name']}: {len(info['train_patients'])} train patients ({len(records)} cases), "
-              f"{len(info['val_patients'])} validation patients", flush=True)
-    result = finetune(cfg, records, ds, cache, args.out, info, command=" ".join(sys.argv))
+    with distributed_session():
+        records, ds, info = prepare(cfg, cache, data)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 talks
+            print(f"{info['name']}: {len(info['train_patients'])} train patients ({len(records)} cases), "
+                  f"{len(info['val_patients'])} validation patients", flush=True)
+        result = finetune(cfg, records, ds, cache, args.out, info, command=" ".join(sys.argv))
     if result.table:
         print(f"stopped at step {result.step}{' (early stopping)' if result.stopped_early else ''}; "
               f"best validation at step {result.best_step}\n{result.table}")

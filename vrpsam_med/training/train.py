@@ -13,6 +13,8 @@ import logging
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,6 +83,19 @@ def init_distributed() -> tuple[int, int, bool]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size(), True
+
+
+@contextmanager
+def distributed_session() -> Iterator[tuple[int, int, bool]]:
+    """Join torchrun's process group (if any) for the block and leave it afterwards.
+
+    A process that exits with a live gloo group can abort (SIGABRT) while its threads are torn down.
+    """
+    try:
+        yield init_distributed()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
