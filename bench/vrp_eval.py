@@ -4,6 +4,9 @@
 
 Runs, for each dataset: the `fewshot` protocol with every annotation kind (VRP), the wrong-reference
 control, the training-free prototype and GT-box baselines; and the `volume` protocol (VRP, GT box).
+A run is ``protocol:method:annotation[:flag...]``; flags: ``wrong`` (wrong-reference control),
+``nostop`` (method ``engine`` without the stop rule fitted on labelled train slices: nothing learned
+from labels but LiteMedSAM itself).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vrpsam_med.engine.reference import ReferencePredictor
+from vrpsam_med.engine.segmenter import SegmenterConfig
 from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
 from vrpsam_med.io.msd import MSDDataset
 from vrpsam_med.models.backbones import load_backbone
@@ -39,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     cache = EmbeddingCache(load_backbone(), progress=False)
-    needs_model = any(":vrp:" in r for r in args.runs.split(","))
+    needs_model = any(":vrp:" in r or ":engine:" in r for r in args.runs.split(","))
     predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache) if needs_model else None
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.sets.split(","):
@@ -52,10 +56,15 @@ def main() -> None:
             n = args.volume_max_cases if protocol == "volume" else args.max_cases
             if name == "acdc_cine_mr":  # 40 test volumes: a subset keeps the run short
                 n = min(n or 10, 10)
+            unknown = set(flag) - {"wrong", "nostop"}
+            if unknown:
+                raise SystemExit(f"{run}: unknown flag(s) {', '.join(sorted(unknown))}; use wrong, nostop")
             cfg = EvalConfig(protocol=protocol, annotation=kind, labels=SETS[name], method=method, max_cases=n,
-                             wrong_reference=bool(flag))
+                             wrong_reference="wrong" in flag)
+            engine_config = SegmenterConfig(stop_rule=None) if "nostop" in flag else None
             t = time.perf_counter()
-            res = evaluate(ds, cfg, cache, predictor if method == "vrp" else None, progress=False)
+            res = evaluate(ds, cfg, cache, predictor if method in ("vrp", "engine") else None, progress=False,
+                           engine_config=engine_config)
             results[key] = res.to_json()
             print(f"{key}: mean {res.mean_dice:.3f} {json.dumps({k: round(v, 3) for k, v in res.per_label.items()})}"
                   f" ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -77,7 +86,8 @@ def table(results: dict) -> str:
         name, run = key.split("|")
         protocol, method, kind, *flag = run.split(":")
         per = ", ".join(f"{k} {v:.3f}" for k, v in r["per_label"].items() if not np.isnan(v))
-        lines.append(f"| {name} | {protocol} | {method}{' (wrong reference)' if flag else ''} | {kind} | "
+        note = "".join({"wrong": " (wrong reference)", "nostop": " (no learned stop rule)"}[f] for f in flag)
+        lines.append(f"| {name} | {protocol} | {method}{note} | {kind} | "
                      f"{r['mean_dice']:.3f} | {per} |")
     return "\n".join(lines)
 

@@ -97,3 +97,22 @@ def test_patient_id_keeps_frames_of_one_patient_together():
 
     assert patient_id("patient001_frame01") == patient_id("patient001_frame02") == "patient001"
     assert patient_id("chaos_01") == "chaos_01" and patient_id("btcv_13") != patient_id("btcv_14")
+
+
+def test_engine_fewshot_with_mask_references_learns_nothing_from_labels(tmp_path, cache, monkeypatch):
+    """fewshot + engine: each chunk's support slice segments the query volume; with mask references the
+    learned VRP encoder is never called, so the result holds for structures no model was trained on."""
+    from vrpsam_med.engine.reference import ReferencePredictor
+    from vrpsam_med.models.vrp import VRPSAM, VRPEncoder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the VRP encoder was called")
+
+    model = VRPSAM(cache.backbone, VRPEncoder(num_queries=8))  # untrained: it must not matter
+    monkeypatch.setattr(model.encoder, "forward", refuse)
+    monkeypatch.setattr(model, "reference_state", refuse)
+    ds = MSDDataset.open(make_msd(tmp_path / "d"))
+    res = evaluate(ds, EvalConfig(protocol="fewshot", method="engine", labels=["ball", "box"]), cache,
+                   ReferencePredictor(model, cache))
+    assert [r["support"] for r in res.per_case if r["label"] == "ball"] == ["case_1", "case_2", "case_0"]
+    assert res.per_label["ball"] > 0.8 and res.per_label["box"] > 0.6, res.per_label

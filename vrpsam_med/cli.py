@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotation", choices=["mask", "box", "scribble", "point"], default="mask")
     p.add_argument("--labels", default=None, help="comma-separated structure names (default: all)")
     p.add_argument("--method", choices=["vrp", "engine", "gt_box", "prototype", "registration"], default="vrp",
-                   help="vrp (the model, slice by slice), engine (the volume engine: propagation + clean-up; "
-                        "volume protocol) or a baseline: gt_box (upper bound), prototype (training-free), "
+                   help="vrp (the model, slice by slice), engine (the volume engine: registration, propagation, "
+                        "clean-up) or a baseline: gt_box (upper bound), prototype (training-free), "
                         "registration (SimpleITK affine atlas)")
     p.add_argument("--model", type=Path, default=None, help="trained model folder or RUN_DIR (default: shipped)")
     p.add_argument("--wrong-reference", action="store_true",

@@ -181,7 +181,10 @@ class Segmenter:
     def __init__(self, model: VRPSAM | str | Path | None = None, *, backbone: str = "litemedsam",
                  checkpoint: str | Path | None = None, device: str | None = None, precision: str = "auto",
                  cache: EmbeddingCache | None = None, cache_dir: str | Path | None = "default",
-                 config: SegmenterConfig | None = None, progress: bool = False) -> None:
+                 config: SegmenterConfig | None = None, progress: bool = False,
+                 registrations: dict | None = None) -> None:
+        """``registrations``: a registration cache to share between Segmenters on the same volumes
+        ((reference digest, target digest, axis, preset) -> transform); default: this Segmenter's own."""
         if cache is None:
             from vrpsam_med.models.backbones import load_backbone
 
@@ -196,7 +199,7 @@ class Segmenter:
         self.cache = cache
         self.config = config or SegmenterConfig()
         self._structures: dict[str, _Structure] = {}
-        self._transforms: dict[tuple, object] = {}  # registrations, (reference, target, axis, preset) -> transform
+        self._transforms: dict[tuple, object] = {} if registrations is None else registrations
 
     # -- references -------------------------------------------------------------------------
     @property

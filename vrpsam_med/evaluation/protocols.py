@@ -10,7 +10,9 @@
 
 Methods: ``vrp`` (the model, every target slice prompted independently), ``engine`` (the volume
 engine users run, :class:`~vrpsam_med.engine.segmenter.Segmenter`: seed, propagation with the
-neighbour's mask, 3D clean-up; ``volume`` protocol only), ``gt_box`` (ground-truth box per slice: upper bound), ``prototype``
+neighbour's mask, 3D clean-up; in ``fewshot`` each chunk's support slice is its own 1-shot reference,
+the engine segments the query volume from it and the chunk's slices are scored; it reads the support
+and query scans' unlabelled slices, never another label), ``gt_box`` (ground-truth box per slice: upper bound), ``prototype``
 (training-free: cosine similarity to the reference prototype -> box -> SAM), ``registration`` (the classic
 atlas method: affine SimpleITK registration of the support volume to the query, its *whole* label of
 the structure warped onto the query; more supervision than one slice, so it is a reference point,
@@ -81,6 +83,7 @@ class _Segmenters:
         self.engine_config = None  # SegmenterConfig for method 'engine' (None: the defaults)
         self._transforms: dict[tuple[str, str], object] = {}
         self._engines: dict[tuple, object] = {}
+        self._registrations: dict[tuple, object] = {}  # shared by every engine: one registration per volume pair
 
     def atlas(self, svol: Volume, slab: np.ndarray, qvol: Volume, value: int) -> np.ndarray:
         """Registration baseline: the support's label of ``value`` warped onto the query grid (bool)."""
@@ -102,7 +105,8 @@ class _Segmenters:
         drawn = np.packbits(annotation.to_mask(mask2d.shape)).tobytes()
         key = (svol.digest(), sk, kind, hashlib.sha1(drawn).hexdigest())
         if key not in self._engines:
-            seg = Segmenter(self.predictor.model, cache=self.cache, config=self.engine_config)
+            seg = Segmenter(self.predictor.model, cache=self.cache, config=self.engine_config,
+                            registrations=self._registrations)
             seg.add_reference(svol, sk, annotation, name="target")
             self._engines[key] = seg
             while len(self._engines) > 32:  # references of earlier structures are not needed again
@@ -171,8 +175,6 @@ def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
         raise UsageError(f"unknown method {cfg.method!r}; use {', '.join(METHODS)}")
     if cfg.method in ("vrp", "engine") and predictor is None:
         raise UsageError(f"method {cfg.method!r} needs a trained model")
-    if cfg.method == "engine" and cfg.protocol != "volume":
-        raise UsageError("method 'engine' (the volume engine) runs with --protocol volume only")
     t0 = time.perf_counter()
     rng = np.random.default_rng(cfg.seed)
     names = list(cfg.labels) if cfg.labels else list(dataset.labels.values())
@@ -255,6 +257,10 @@ def _fewshot_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng, n_chunks
         sk = int(part_s[len(part_s) // 2])
         ref_mask = get_slice(slab, sk) == ref_value
         if not ref_mask.any():
+            continue
+        if seg.method == "engine":  # the whole query volume from this chunk's reference; the chunk is scored
+            vol_pred, _ = seg.engine(svol, sk, ref_mask, qvol, kind, rng)
+            pred[..., part_q] = vol_pred[..., part_q]
             continue
         ref = seg.reference(svol, sk, ref_mask, kind, rng)
         gt = np.stack([get_slice(qlab, int(k)) == value for k in part_q])
