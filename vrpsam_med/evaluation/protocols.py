@@ -12,8 +12,8 @@ Methods: ``vrp`` (the model, every target slice prompted independently), ``engin
 engine users run, :class:`~vrpsam_med.engine.segmenter.Segmenter`: seed, propagation with the
 neighbour's mask, 3D clean-up; in ``fewshot`` each chunk's support slice is its own 1-shot reference,
 the engine segments the query volume from it and the chunk's slices are scored; it reads the support
-and query scans' unlabelled slices, never another label), ``gt_box`` (ground-truth box per slice: upper bound), ``prototype``
-(training-free: cosine similarity to the reference prototype -> box -> SAM), ``registration`` (the classic
+and query scans' unlabelled slices, never another label), ``gt_box`` (ground-truth box per slice:
+upper bound), ``prototype`` (training-free: cosine similarity to the reference prototype -> box -> SAM), ``registration`` (the classic
 atlas method: affine SimpleITK registration of the support volume to the query, its *whole* label of
 the structure warped onto the query; more supervision than one slice, so it is a reference point,
 not a 1-shot method; in the volume protocol it is run for other patients only).
