@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vrpsam_med.prompts import KINDS, Annotation, AnnotationError, mask_box, simulate
+from vrpsam_med.prompts import KINDS, Annotation, AnnotationError, grow_points, mask_box, simulate
 
 
 def _disc_mask(h=64, w=80, cy=30, cx=40, r=12):
@@ -75,3 +75,20 @@ def test_simulate_refuses_empty_mask_and_unknown_kind():
         simulate(np.zeros((8, 8)), "box", rng)
     with pytest.raises(AnnotationError, match="unknown annotation kind"):
         simulate(_disc_mask(), "lasso", rng)
+
+
+def test_point_discs_grow_over_their_own_tissue_only():
+    """A click inside a bright organ grows into it (up to the radius), not into the darker tissue around."""
+    image = np.full((128, 128), 0.2, np.float32)
+    yy, xx = np.mgrid[:128, :128]
+    organ = (yy - 64) ** 2 + (xx - 64) ** 2 < 30 ** 2
+    image[organ] = 0.7
+    image += np.random.default_rng(0).normal(0, 0.01, image.shape).astype(np.float32)
+    discs = Annotation.from_points([[60, 64], [70, 60]]).to_mask(image.shape)
+    grown = grow_points(discs, image)
+    assert (grown & discs).sum() == discs.sum()  # the clicks stay
+    assert grown.sum() > 10 * discs.sum()  # it grew ...
+    assert not (grown & ~organ).any()  # ... inside the organ only
+    near = np.hypot(yy - 64, xx - 62) <= 128 / 16 - 2  # within the radius of both clicks
+    assert grown[near & organ].all()
+    assert not grow_points(np.zeros_like(discs), image).any()

@@ -18,6 +18,11 @@ Kind = Literal["point", "box", "scribble", "mask"]
 KINDS: tuple[str, ...] = ("mask", "box", "scribble", "point")
 SCRIBBLE_WIDTH = 3  # pixels; the stroke width of rasterised scribbles
 POINT_RADIUS = 2  # pixels; a clicked point marks a small disc, not a single pixel
+# A point reference's discs grow over similar, connected intensities before VRP-SAM pools them: up to
+# this share of the slice's longer side from a click, within POINT_GROW_TOLERANCE standard deviations
+# (+ 0.03 of the unit range) of the clicked pixels' median. Tuned on CHAOS train (docs/vrp.md).
+POINT_GROW_RADIUS = 1 / 16
+POINT_GROW_TOLERANCE = 2.5
 
 
 class AnnotationError(ValueError):
@@ -134,6 +139,25 @@ def _disc(radius: int) -> np.ndarray:
     r = max(int(radius), 0)
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     return xx**2 + yy**2 <= r * r
+
+
+def grow_points(discs: np.ndarray, image: np.ndarray, radius: float = POINT_GROW_RADIUS,
+                tolerance: float = POINT_GROW_TOLERANCE) -> np.ndarray:
+    """A point annotation's discs (H, W bool) grown over the slice ``image`` (H, W, unit range).
+
+    Kept: pixels connected to a disc, within ``radius`` x the longer side of one, whose intensity is
+    close to the clicked pixels' (see POINT_GROW_TOLERANCE). The discs themselves always stay.
+    """
+    discs = np.asarray(discs, bool)
+    if not discs.any():
+        return discs.copy()
+    values = image[discs]
+    centre, spread = float(np.median(values)), max(float(values.std()), 0.02)
+    near = ndimage.distance_transform_edt(~discs) <= radius * max(discs.shape)
+    similar = near & (np.abs(image - centre) <= tolerance * spread + 0.03)
+    regions, _ = ndimage.label(similar)
+    keep = np.unique(regions[discs & similar])
+    return np.isin(regions, keep[keep > 0]) | discs
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:

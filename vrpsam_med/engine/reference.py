@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vrpsam_med.io.intensity import intensity_range, to_unit_range
 from vrpsam_med.io.volume import Volume, axis_index, get_slice, slice_shape
 from vrpsam_med.models.backbones import SliceGeometry
 from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.models.vrp import VRPSAM
-from vrpsam_med.prompts import Annotation
+from vrpsam_med.prompts import Annotation, grow_points
 
 
 @dataclass
@@ -37,10 +38,16 @@ class SlicePrediction:
 
 def make_reference(cache: EmbeddingCache, volume: Volume, index: int, annotation: Annotation,
                    axis: str | int = "axial", preset: str | None = None) -> Reference:
-    """Embed the reference slice (cached) and rasterise its annotation into the 256-px model space."""
+    """Embed the reference slice (cached) and rasterise its annotation into the 256-px model space.
+
+    Point discs are first grown over similar intensities (:func:`~vrpsam_med.prompts.grow_points`).
+    """
     ax = axis_index(axis)
     h, w = slice_shape(volume.shape, ax)
     mask = annotation.to_mask((h, w))
+    if annotation.kind == "point":
+        lo, hi = intensity_range(volume, preset)
+        mask = grow_points(mask, to_unit_range(get_slice(volume.array, index, ax), lo, hi))
     geom = SliceGeometry(h, w, cache.backbone.image_size)
     emb = cache.get(volume, [index], ax, preset)[0]
     m = geom.mask_to_model(torch.from_numpy(mask)[None])[0]
