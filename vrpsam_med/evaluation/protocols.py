@@ -13,10 +13,11 @@ engine users run, :class:`~vrpsam_med.engine.segmenter.Segmenter`: seed, propaga
 neighbour's mask, 3D clean-up; in ``fewshot`` each chunk's support slice is its own 1-shot reference,
 the engine segments the query volume from it and the chunk's slices are scored; it reads the support
 and query scans' unlabelled slices, never another label), ``gt_box`` (ground-truth box per slice:
-upper bound), ``prototype`` (training-free: cosine similarity to the reference prototype -> box -> SAM), ``registration`` (the classic
-atlas method: affine SimpleITK registration of the support volume to the query, its *whole* label of
-the structure warped onto the query; more supervision than one slice, so it is a reference point,
-not a 1-shot method; in the volume protocol it is run for other patients only).
+upper bound), ``prototype`` (training-free: cosine similarity to the reference prototype -> box -> SAM),
+``registration`` (the classic atlas method: affine SimpleITK registration of the support volume to
+the query, its *whole* label of the structure warped onto the query; more supervision than one slice,
+so it is a reference point, not a 1-shot method; in the volume protocol it is run for other patients
+only).
 """
 from __future__ import annotations
 
@@ -81,9 +82,9 @@ class _Segmenters:
     def __init__(self, method: str, cache: EmbeddingCache, predictor: ReferencePredictor | None) -> None:
         self.method, self.cache, self.predictor = method, cache, predictor
         self.engine_config = None  # SegmenterConfig for method 'engine' (None: the defaults)
-        self._transforms: dict[tuple[str, str], object] = {}
+        # registrations, one per volume pair: the atlas baseline's, or shared by every engine (the Segmenter's keys)
+        self._transforms: dict[tuple, object] = {}
         self._engines: dict[tuple, object] = {}
-        self._registrations: dict[tuple, object] = {}  # shared by every engine: one registration per volume pair
 
     def atlas(self, svol: Volume, slab: np.ndarray, qvol: Volume, value: int) -> np.ndarray:
         """Registration baseline: the support's label of ``value`` warped onto the query grid (bool)."""
@@ -106,7 +107,7 @@ class _Segmenters:
         key = (svol.digest(), sk, kind, hashlib.sha1(drawn).hexdigest())
         if key not in self._engines:
             seg = Segmenter(self.predictor.model, cache=self.cache, config=self.engine_config,
-                            registrations=self._registrations)
+                            registrations=self._transforms)
             seg.add_reference(svol, sk, annotation, name="target")
             self._engines[key] = seg
             while len(self._engines) > 32:  # references of earlier structures are not needed again
