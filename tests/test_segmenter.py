@@ -143,14 +143,18 @@ def test_bad_use_is_refused_with_clear_errors(model_and_cache):
         seg2.segment(phantom(shift=3)[0])
 
 
-def ring_phantom(n: int = 10) -> tuple[Volume, np.ndarray]:
-    """A dark wall (label 1) around a bright cavity (label 2) in mid-grey tissue, like the myocardium."""
+def ring_phantom(n: int = 10, thickening: float = 0.0) -> tuple[Volume, np.ndarray]:
+    """A dark wall (label 1) around a bright cavity (label 2) in mid-grey tissue, like the myocardium.
+
+    ``thickening``: the wall is 6 px thick on slice 5 and this many px thicker per slice away from it
+    (on the +x side; the -x side stays 6 px)."""
     shape = (80, 80, n)
     x, y, z = np.mgrid[: shape[0], : shape[1], : shape[2]]
     r = np.hypot(x - 40, y - 38)
     inside = (z >= 2) & (z <= n - 3)
     cavity = (r <= 12) & inside
-    wall = (r > 12) & (r <= 18) & inside
+    extra = thickening * np.abs(z - 5) * np.clip((x - 40) / np.maximum(r, 1), 0, 1)
+    wall = (r > 12) & (r <= 18 + extra) & inside
     img = np.where(cavity, 230.0, np.where(wall, 40.0, 130.0)) + np.random.default_rng(0).normal(0, 4, shape)
     lab = np.zeros(shape, np.uint8)
     lab[wall], lab[cavity] = 1, 2
@@ -183,6 +187,16 @@ def test_ring_structures_keep_their_hole(model_and_cache):
             assert (pred & (lab == 2)).sum() < 0.1 * (lab == 2).sum()  # the cavity stays empty
     assert dice[0.1] >= 0.7, dice
     assert dice[0.1] > dice[2.0] + 0.1, dice
+
+
+def test_ring_walls_follow_the_image_where_their_thickness_changes(model_and_cache):
+    vol, lab = ring_phantom(thickening=2.0)
+    dice = {}
+    for adaptive in (True, False):
+        seg = make(model_and_cache, ring_adaptive_wall=adaptive)
+        seg.add_reference(vol, 5, Annotation.from_mask(get_slice(lab, 5) == 1), name="wall")
+        dice[adaptive] = dice_3d(seg.segment(vol).labels == 1, lab == 1)
+    assert dice[True] > dice[False] + 0.03, dice
 
 
 def test_registration_prior_is_the_reference_structure_and_follows_new_references(model_and_cache):

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from vrpsam_med.engine.reference import Reference, make_reference
+from vrpsam_med.engine.ring import WallIntensity, adaptive_wall, fixed_wall
 from vrpsam_med.errors import UsageError
 from vrpsam_med.io.volume import Volume, axis_index, get_slice, set_slice, slice_shape
 from vrpsam_med.models.backbones import SliceGeometry
@@ -93,6 +94,7 @@ class SegmenterConfig:
     refine_reference: bool = True  # point/scribble/box references: use the segmented reference slice as a mask
     ring_min_hole: float = 0.1  # a reference whose enclosed hole is >= this share of its filled area is a ring
     ring_outer_ratio: float = 1.3  # a ring's outer box mask counts as its outer contour above this x hole area
+    ring_adaptive_wall: bool = True  # ring walls measured per ray from the image (engine/ring.py), else a fixed band
     cleanup: bool = True  # 3D connected components touching the seeds + closing of small gaps between slices
     batch_size: int = 8
 
@@ -155,6 +157,7 @@ class _Structure:
     prototypes: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     # unit-norm (foreground, background) masked-average embeddings (C,) of each reference's seed mask
     ring_thickness: list[float] = field(default_factory=list)  # wall thickness of each ring-shaped reference
+    ring_intensity: list[WallIntensity] = field(default_factory=list)  # wall / cavity intensities of each
     atlas: np.ndarray | None = None  # the structure segmented in its first reference's volume (registration prior)
 
     @property
@@ -200,6 +203,7 @@ class Segmenter:
         self.config = config or SegmenterConfig()
         self._structures: dict[str, _Structure] = {}
         self._transforms: dict[tuple, object] = {} if registrations is None else registrations
+        self._intensities: tuple[tuple, np.ndarray] | None = None  # (volume digest, preset) -> model intensities
 
     # -- references -------------------------------------------------------------------------
     @property
@@ -248,6 +252,8 @@ class Segmenter:
         hole = _hole(seed, self.config.ring_min_hole)
         if hole.any():  # a ring: remember its wall thickness (pixels), averaged over its references
             st.ring_thickness.append((seed & ~hole).sum() / max(_perimeter(hole), 1))
+            st.ring_intensity.append(WallIntensity.measure(self._slice_image(volume, int(index), ax, preset),
+                                                           seed & ~hole, hole))
         return st.value
 
     def references(self, name: str) -> list[tuple[str, int, str]]:
@@ -364,15 +370,29 @@ class Segmenter:
         my = max(2.0, margin * (y1 - y0 + 1))
         return np.array([max(0, x0 - mx), max(0, y0 - my), min(w - 1, x1 + mx), min(h - 1, y1 + my)])
 
+    def _slice_image(self, volume: Volume, k: int, ax: int, preset: str | None) -> np.ndarray:
+        """Slice ``k`` in model intensities [0, 1] (the last volume's scaling is kept: rings need many slices)."""
+        from vrpsam_med.io.intensity import model_intensities
+
+        key = (volume.digest(), preset)
+        if self._intensities is None or self._intensities[0] != key:
+            self._intensities = (key, model_intensities(volume, preset))
+        return get_slice(self._intensities[1], k, ax)
+
+    def _ring_image(self, st: _Structure, volume: Volume, k: int, ax: int, preset: str | None) -> np.ndarray | None:
+        """Slice ``k``'s intensities when ``st`` is a ring (its wall is measured on the image), else None."""
+        return self._slice_image(volume, k, ax, preset) if st.ring and self.config.ring_adaptive_wall else None
+
     def _decode_like(self, st: _Structure, emb: torch.Tensor, prev: np.ndarray, shape: tuple[int, int],
-                     margin: float | None = None) -> tuple[np.ndarray, float]:
+                     margin: float | None = None, image: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """Slice mask from a neighbouring / prior mask ``prev`` (H, W): (mask, SAM's IoU estimate).
 
         A box prompt fills whatever it surrounds, so a ring (``st.ring`` and ``prev`` encloses a hole,
         e.g. the myocardium) is decoded from its hole: the hole is box-prompted like a structure of
         its own, and the ring is SAM's outer mask minus the hole when SAM found an outer contour,
-        else the band of the references' wall thickness around the hole (on ACDC the outer box gives back
-        the blood pool: outer minus inner Dice 0.02, the band 0.81 with the true thickness).
+        else the wall around the hole (on ACDC the outer box gives back the blood pool: outer minus inner
+        Dice 0.02). With the slice's ``image`` the wall's width is measured per ray (:func:`adaptive_wall`),
+        else it is the references' mean thickness.
         """
         hole = _hole(prev, self.config.ring_min_hole, hull=True) if st.ring and prev.any() else None
         if hole is None or not hole.any():
@@ -386,8 +406,9 @@ class Segmenter:
         if outer.sum() >= self.config.ring_outer_ratio * inner.sum() and (inner & ~outer).sum() < 0.1 * inner.sum():
             return outer & ~inner, float(min(iou))
         thickness = float(np.mean(st.ring_thickness))  # the neighbour's own band would drift outward
-        band = (ndimage.distance_transform_edt(~inner) <= thickness) & ~inner
-        return band, float(iou[1])
+        if image is not None and st.ring_intensity and self.config.ring_adaptive_wall:
+            return adaptive_wall(image, inner, thickness, _mean_wall(st.ring_intensity)), float(iou[1])
+        return fixed_wall(inner, thickness), float(iou[1])
 
     # -- segmentation -----------------------------------------------------------------------
     def segment_slice(self, volume: Volume, index: int, axis: str | int = "axial",
@@ -555,12 +576,13 @@ class Segmenter:
         """
         cfg = self.config
         emb = self.cache.get(volume, [k], ax, preset)
+        image = self._ring_image(st, volume, k, ax, preset)
         if not prev.any():
             candidates = [(vrp_out[0], vrp_out[2])]
         else:
-            candidates = [self._decode_like(st, emb, prev, shape, margin)]
+            candidates = [self._decode_like(st, emb, prev, shape, margin, image)]
         if prior is not None and prior.any():
-            candidates.append(self._decode_like(st, emb, prior, shape, margin))
+            candidates.append(self._decode_like(st, emb, prior, shape, margin, image))
         best = None
         for mask, iou in candidates:
             looks, similarity_margin = self._looks_like(st, emb[0], mask)
@@ -586,7 +608,7 @@ class Segmenter:
             return []
         m = vrp_cache[best][0]
         emb = self.cache.get(volume, [best], ax, preset)
-        seed = self._decode_like(st, emb, m, shape)[0]
+        seed = self._decode_like(st, emb, m, shape, image=self._ring_image(st, volume, best, ax, preset))[0]
         return [(best, seed if self._looks_like(st, emb[0], seed)[0] else m)]
 
     def _localise_registration(self, st: _Structure, volume: Volume, shape, ax, preset,
@@ -616,7 +638,7 @@ class Segmenter:
         k = int(np.argmax(areas))
         prior = get_slice(warped, k, ax)
         emb = self.cache.get(volume, [k], ax, preset)
-        mask = self._decode_like(st, emb, prior, shape)[0]
+        mask = self._decode_like(st, emb, prior, shape, image=self._ring_image(st, volume, k, ax, preset))[0]
         if mask.any() and self._looks_like(st, emb[0], mask)[0]:
             return [(k, mask)], warped
         # The warped structure's largest slice does not show the structure: registration is off,
@@ -682,7 +704,8 @@ class Segmenter:
                 chunk = todo[s:s + cfg.batch_size]
                 emb = self.cache.get(volume, chunk, ax, preset)
                 for j, e in zip(chunk, emb):
-                    mask, iou = self._decode_like(st, e[None], prior, shape)
+                    image = self._ring_image(st, volume, j, ax, preset)
+                    mask, iou = self._decode_like(st, e[None], prior, shape, image=image)
                     looks, margin = self._looks_like(st, e, mask)
                     scores[j] = (max(iou, 0.0) * margin if looks else -1.0, mask)
 
@@ -726,6 +749,11 @@ def _hole(mask: np.ndarray, min_share: float, hull: bool = False) -> np.ndarray:
     sizes = ndimage.sum(np.ones_like(lab), lab, range(1, num + 1))
     hole = lab == int(np.argmax(sizes)) + 1
     return hole if hole.sum() >= min_share * filled.sum() else np.zeros_like(hole)
+
+
+def _mean_wall(walls: Sequence[WallIntensity]) -> WallIntensity:
+    """One wall description from several ring references (k-shot)."""
+    return WallIntensity(*(float(np.mean(v)) for v in zip(*((w.wall, w.wall_sd, w.cavity) for w in walls))))
 
 
 def _shift(array: np.ndarray, offset: int, axis: int) -> np.ndarray:
