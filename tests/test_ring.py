@@ -2,10 +2,7 @@
 import numpy as np
 
 from vrpsam_med.engine.ring import WallIntensity, adaptive_wall, fixed_wall
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+from vrpsam_med.evaluation.metrics import dice_3d as dice
 
 
 def heart(leak: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -406,7 +406,7 @@ class Segmenter:
         if outer.sum() >= self.config.ring_outer_ratio * inner.sum() and (inner & ~outer).sum() < 0.1 * inner.sum():
             return outer & ~inner, float(min(iou))
         thickness = float(np.mean(st.ring_thickness))  # the neighbour's own band would drift outward
-        if image is not None and st.ring_intensity and self.config.ring_adaptive_wall:
+        if image is not None:  # only for rings with ring_adaptive_wall on (_ring_image)
             return adaptive_wall(image, inner, thickness, _mean_wall(st.ring_intensity)), float(iou[1])
         return fixed_wall(inner, thickness), float(iou[1])
 
@@ -753,7 +753,8 @@ def _hole(mask: np.ndarray, min_share: float, hull: bool = False) -> np.ndarray:
 
 def _mean_wall(walls: Sequence[WallIntensity]) -> WallIntensity:
     """One wall description from several ring references (k-shot)."""
-    return WallIntensity(*(float(np.mean(v)) for v in zip(*((w.wall, w.wall_sd, w.cavity) for w in walls))))
+    return WallIntensity(float(np.mean([w.wall for w in walls])), float(np.mean([w.wall_sd for w in walls])),
+                         float(np.mean([w.cavity for w in walls])))
 
 
 def _shift(array: np.ndarray, offset: int, axis: int) -> np.ndarray:
