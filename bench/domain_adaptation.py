@@ -10,6 +10,8 @@ Evaluations (evaluate harness, all test patients of each set):
   scribble or point reference the VRP encoder makes the first mask.
 - ``fewshot:KIND``: the FSMIS protocol, VRP alone slice by slice (what the VRP encoder learned).
 Results are stored per (model, set, evaluation) key, so an interrupted run resumes.
+``--model NAME=PATH#default-rule`` loads PATH but ignores a stop rule refitted for its fine-tuned decoder
+(``stop_rule.json``): the engine then uses the rule fitted for LiteMedSAM's own decoder.
 """
 from __future__ import annotations
 
@@ -43,7 +45,13 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for spec in args.model:
         name, _, path = spec.partition("=")
-        predictor = ReferencePredictor(load_vrp(cache.backbone, path), cache)
+        path, _, option = path.partition("#")
+        model = load_vrp(cache.backbone, path)
+        if option == "default-rule":  # ignore the stop rule refitted for a fine-tuned decoder (control)
+            model.stop_rule = None
+        elif option:
+            raise SystemExit(f"{spec}: unknown option #{option} (known: #default-rule)")
+        predictor = ReferencePredictor(model, cache)
         for set_name in args.sets.split(","):
             for ev in args.evals.split(","):
                 protocol, kind = ev.split(":")
@@ -59,16 +67,31 @@ def main() -> None:
                 print(f"{key}: mean {res.mean_dice:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
                 save_results(args.out, results)
     print(table(results))
+    print(table(results, false_masks=True))
 
 
-def table(results: dict) -> str:
-    """Markdown: one row per set / evaluation / structure, one column per model, then the change."""
+def false_mask_shares(result: dict) -> dict[str, float]:
+    """Engine result -> {'organ (same patient)' / 'organ (other patients)': mean share of empty slices given a mask}."""
+    shares: dict[str, list[float]] = {}
+    for c in result["per_case"]:
+        if c.get("empty_slices_with_false_mask") is not None:
+            key = f"{c['label']} ({'same patient' if c['same_patient'] else 'other patients'})"
+            shares.setdefault(key, []).append(c["empty_slices_with_false_mask"])
+    return {k: float(np.mean(v)) for k, v in shares.items()}
+
+
+def table(results: dict, false_masks: bool = False) -> str:
+    """Markdown: one row per set / evaluation / structure, one column per model, then the change.
+    ``false_masks``: engine evaluations only, the share of empty slices given a mask instead of Dice."""
     models = list(dict.fromkeys(k.split("|")[0] for k in results))
     rows: dict[tuple[str, str, str], dict[str, float]] = {}
     for key, r in results.items():
         model, set_name, protocol, kind = key.split("|")
-        for label, dice in r["per_label"].items():
-            rows.setdefault((set_name, f"{protocol} ({kind})", label), {})[model] = dice
+        if false_masks and protocol != "engine":
+            continue
+        values = false_mask_shares(r) if false_masks else r["per_label"]
+        for label, v in values.items():
+            rows.setdefault((set_name, f"{protocol} ({kind})", label), {})[model] = v
     head = "| set | evaluation | structure | " + " | ".join(models) + " | change |"
     lines = [head, "|---|---|---|" + "---|" * (len(models) + 1)]
     for (set_name, ev, label), by_model in rows.items():

@@ -14,21 +14,17 @@ are scored by a rule fitted without that patient, and propagation is replayed on
 3D Dice and the share of empty slices given a mask per structure, for each probability threshold.
 Ring structures (the myocardium) are left out: the engine decodes them as hole + wall band and keeps
 only the prototype test for them. The last line is the rule fitted on all patients, to paste into
-``vrpsam_med/engine/segmenter.py``.
+``vrpsam_med/engine/stop_rule.py`` (the fit is the library's ``stop_rule.fit``).
 """
 import json
 import sys
 from collections import defaultdict
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+
+from vrpsam_med.engine import stop_rule
 
 THRESHOLDS = (None, 0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-def features(r: dict) -> list[float]:
-    growth = float(np.log((r["area"] + 1) / (r["prev_area"] + 1))) if r["prev_area"] else 0.0
-    return [r["sfg"], r["sbg"], r["sring"], r["biou"], growth]
 
 
 def base_rule(r: dict) -> bool:
@@ -69,17 +65,11 @@ def main() -> None:
             r["set"] = path.rsplit("/", 1)[-1].split("_")[0]
             if r["organ"] != "myocardium":  # rings are decoded as hole + band, which these features do not replay
                 rows.append(r)
-    X = np.array([features(r) for r in rows])
-    y = np.array([r["gt_area"] > 0 for r in rows])
-    has = np.array([r["area"] > 0 for r in rows])
     patient = np.array([f"{r['set']}:{r['case'].split('_frame')[0]}" for r in rows])
-    prob = np.zeros(len(rows))
     for p in np.unique(patient):
-        fit = (patient != p) & has
-        model = LogisticRegression(max_iter=2000, class_weight="balanced").fit(X[fit], y[fit])
-        prob[patient == p] = model.predict_proba(X[patient == p])[:, 1]
-    for r, p, h in zip(rows, prob, has):
-        r["p"] = p if h else 0.0
+        rule = stop_rule.fit([r for r, q in zip(rows, patient) if q != p])
+        for r in (r for r, q in zip(rows, patient) if q == p):
+            r["p"] = stop_rule.probability(rule, stop_rule.row_features(r)) if r["area"] > 0 else 0.0
     results = {t: replay(rows, (lambda r: base_rule(r)) if t is None else (lambda r, t=t: base_rule(r) and r["p"] >= t))
                for t in THRESHOLDS}
     names = list(results[None])
@@ -92,9 +82,7 @@ def main() -> None:
             d, f = (np.mean([results[t][m][i] for m in names]) for i in (0, 1)) if n == "mean" else results[t][n]
             cells.append(f"{d:.3f} / {f:.3f}")
         print(f"| {n} | " + " | ".join(cells) + " |")
-    model = LogisticRegression(max_iter=2000, class_weight="balanced").fit(X[has], y[has])
-    print("STOP_RULE =", tuple(round(float(v), 3) for v in (model.intercept_[0], *model.coef_[0])))
-
+    print("DEFAULT_RULE =", tuple(round(v, 3) for v in stop_rule.fit(rows)))
 
 if __name__ == "__main__":
     main()

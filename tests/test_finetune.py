@@ -232,6 +232,13 @@ def test_run_writes_best_last_log_and_before_after(straight_run):
     ba = json.loads((straight_run / "before_after.json").read_text())
     assert ba["before"]["step"] == 0 and "organ" in ba["before"]["per_label"]
     assert "| organ |" in (straight_run / "before_after.md").read_text()
+    # decoder adapters: the engine's stop rule was refitted for them, stored in best/ only, and best validated with it
+    from vrpsam_med.engine import stop_rule
+
+    rule = stop_rule.load(straight_run / "best")
+    assert rule is not None and rule != stop_rule.DEFAULT_RULE and stop_rule.load(straight_run / "last") is None
+    assert ba["after_stop_rule_refitted"]["step"] == ba["after"]["step"]
+    assert "stop rule refitted" in (straight_run / "before_after.md").read_text()
     log = (straight_run / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,seconds,loss") and len(log) >= 5  # validations 0, 2, 4 + steps 1, 4...
     rows = [dict(zip(log[0].split(","), r.split(","))) for r in log[1:]]
@@ -253,6 +260,7 @@ def test_resume_equals_uninterrupted(env, straight_run):
 
 
 def test_model_run_dir_loads_everywhere(env, straight_run, backbone):
+    from vrpsam_med.engine import stop_rule
     from vrpsam_med.engine.segmenter import Segmenter
     from vrpsam_med.models.cache import EmbeddingCache
     from vrpsam_med.models.lora import LoRALinear
@@ -267,14 +275,19 @@ def test_model_run_dir_loads_everywhere(env, straight_run, backbone):
     assert any(float(v.abs().sum()) > 0 for k, v in trained.items() if k.endswith("lora_b"))  # they did train
     assert not any(isinstance(m, LoRALinear) for m in backbone.mask_decoder.modules())
     seg = Segmenter(straight_run, cache=EmbeddingCache(backbone, env["cache"], progress=False))
+    assert seg.stop_rule == model.stop_rule == stop_rule.load(straight_run / "best")  # the refitted rule is used
     assert any(isinstance(m, LoRALinear) for m in seg.model.backbone.mask_decoder.modules())
-    # the engine's box prompts go through the adapted decoder (not the cache's plain backbone)
-    emb, box = torch.randn(1, 256, 64, 64), np.array([[8.0, 8.0, 30.0, 30.0]])
+    # the engine's box prompts go through the adapted decoder (not the cache's plain backbone); 4 steps
+    # barely move the adapters, so they are made large here to see where the prompts go
+    for m in seg.model.backbone.mask_decoder.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_b.data.fill_(0.05)
+    emb, box = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0)), np.array([[8.0, 8.0, 30, 30]])
     _, iou_engine = seg._box_decode(emb, box, (48, 48))
     from vrpsam_med.models.backbones import SliceGeometry
 
     _, iou_plain = backbone.segment_boxes(emb, box, SliceGeometry(48, 48, backbone.image_size))
-    assert seg.backbone is seg.model.backbone and not np.allclose(iou_engine, iou_plain.numpy())
+    assert seg.backbone is seg.model.backbone and abs(float(iou_engine[0]) - float(iou_plain[0])) > 1e-3
     from vrpsam_med.cli import main
 
     out = env["base"] / "eval.json"

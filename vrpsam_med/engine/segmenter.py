@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from vrpsam_med.engine import stop_rule
 from vrpsam_med.engine.reference import Reference, make_reference
 from vrpsam_med.engine.ring import WallIntensity, adaptive_wall, fixed_wall
 from vrpsam_med.errors import UsageError
@@ -60,9 +61,6 @@ Progress = Callable[[int, int, str], None]  # (done, total, message)
 log = logging.getLogger(__name__)
 
 
-# Fitted by bench/fit_stop_rule.py on CHAOS, BTCV and ACDC train slices (docs/vrp.md): weights of
-# (1, cos_fg, cos_bg, cos_ring, SAM IoU, log area ratio to the neighbour).
-STOP_RULE: tuple[float, ...] | None = (-5.214, 6.436, -0.265, -5.009, 4.99, -1.454)
 STOP_PROBABILITY = 0.5
 
 
@@ -77,11 +75,10 @@ class SegmenterConfig:
     presence_threshold: float = 0.5  # VRP presence probability (used by segment_slice only; see docs/vrp.md)
     similarity_threshold: float = 0.6  # min cosine(mask prototype, reference foreground prototype) to be present
     min_area_ratio: float = 0.05  # a propagated mask below this share of its neighbour's area ends the structure
-    # Stop rule, second test: logistic "is this slice's mask the structure?" over (1, cos_fg, cos_bg, cos_ring,
-    # SAM IoU, log area ratio to the neighbour); fitted on train slices (bench/fit_stop_rule.py, docs/vrp.md).
-    # cos_ring: the mask's prototype against the tissue just around it: past an organ's end the mask is a
-    # blob of the surrounding tissue. None switches the test off.
-    stop_rule: tuple[float, ...] | None = STOP_RULE
+    # Stop rule, second test: logistic "is this slice's mask the structure?" (engine/stop_rule.py). "model": the
+    # rule that comes with the model (fitted for its fine-tuned decoder), else the one fitted for LiteMedSAM's
+    # decoder; a tuple of weights in stop_rule.FEATURES order; None switches the test off.
+    stop_rule: tuple[float, ...] | str | None = "model"
     stop_probability: float = STOP_PROBABILITY  # keep a propagated slice when the rule's probability >= this
     stop_rule_other_volumes: bool = True  # also in volumes without a reference (fitted on same-volume slices)
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
@@ -201,6 +198,12 @@ class Segmenter:
         self.model = model.eval()
         self.cache = cache
         self.config = config or SegmenterConfig()
+        rule = self.config.stop_rule
+        if rule == "model":
+            rule = getattr(model, "stop_rule", None) or stop_rule.DEFAULT_RULE
+        elif isinstance(rule, str):
+            raise SegmenterError(f"stop_rule: expected 'model', weights or None; got {rule!r}")
+        self.stop_rule: tuple[float, ...] | None = None if rule is None else tuple(rule)
         self._structures: dict[str, _Structure] = {}
         self._transforms: dict[tuple, object] = {} if registrations is None else registrations
         self._intensities: tuple[tuple, np.ndarray] | None = None  # (volume digest, preset) -> model intensities
@@ -319,8 +322,7 @@ class Segmenter:
     def _slice_probability(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray, iou: float,
                            prev_area: int) -> float:
         """The stop rule's probability that ``mask`` (H, W) on a propagated slice is the structure; emb (C, 64, 64)."""
-        w = self.config.stop_rule
-        if w is None:
+        if self.stop_rule is None:
             return 1.0
         if not mask.any():
             return 0.0
@@ -328,7 +330,7 @@ class Segmenter:
         sfg, sbg = self._similarity_of(st, proto)
         growth = float(np.log((mask.sum() + 1) / (prev_area + 1))) if prev_area else 0.0
         x = (1.0, sfg, sbg, self._ring_similarity(emb, mask, proto), float(iou), growth)
-        return float(1.0 / (1.0 + np.exp(-float(np.dot(w, x)))))
+        return stop_rule.probability(self.stop_rule, x)
 
     def _looks_like(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray) -> tuple[bool, float]:
         """Is ``mask`` the referenced structure? (decision, margin = cos_fg - cos_bg)."""
@@ -592,7 +594,7 @@ class Segmenter:
                 best = (mask, conf, bool(looks and area_ok), iou)
         mask, conf, ok, iou = best
         # rings are decoded as hole + band, which is not what the rule was fitted on
-        if ok and rule and cfg.stop_rule is not None and not st.ring:
+        if ok and rule and self.stop_rule is not None and not st.ring:
             ok = self._slice_probability(st, emb[0], mask, iou, int(prev.sum())) >= cfg.stop_probability
         return mask, conf, ok
 

@@ -231,6 +231,7 @@ class VRPSAM(nn.Module):
         self.backbone = backbone
         self.encoder = encoder or VRPEncoder()
         self.backbone.requires_grad_(False)
+        self.stop_rule: tuple[float, ...] | None = None  # the engine's stop rule for a fine-tuned decoder
 
     def reference_state(self, ref_embs: torch.Tensor, ref_masks: torch.Tensor) -> ReferenceState:
         """k references (k, C, 64, 64) + model-space masks (k, 1, 256, 256) -> their reusable state."""
@@ -295,6 +296,8 @@ def load_vrp(backbone: nn.Module, path: str | Path | None = None) -> VRPSAM:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    from vrpsam_med.engine import stop_rule
+
     folder = resolve_model_dir(path)
     file = folder / "vrp_encoder.safetensors"
     try:
@@ -317,4 +320,5 @@ def load_vrp(backbone: nn.Module, path: str | Path | None = None) -> VRPSAM:
     model = VRPSAM(backbone, encoder).to(next(backbone.parameters()).device).eval()
     model.card = json.loads(card.read_text()) if card.exists() else {}
     model.card_path = folder
+    model.stop_rule = stop_rule.load(folder)  # the engine's stop rule fitted for a fine-tuned decoder, if any
     return model

@@ -106,6 +106,9 @@ class FinetuneConfig:
     seed: int = 0
     presence_weight: float = 0.5
     bf16: bool = True  # bf16 autocast (CPU and GPUs that support it)
+    # With lora.decoder: refit the volume engine's stop rule for the adapted decoder on the train patients
+    # at the end (vrpsam_med/engine/stop_rule.py), store it in best/ and validate best again with it.
+    calibrate_stop_rule: bool = True
     max_memory_fraction: float = 0.8  # refuse to start when the estimate exceeds this share of free memory
     episodes: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(p_supervoxel=0.2))
 
@@ -213,6 +216,9 @@ def build_model(cfg: FinetuneConfig, backbone: torch.nn.Module, start: str | Pat
 
 def save_model(model: VRPSAM, folder: Path, card: dict) -> None:
     """Encoder (+ decoder adapters when the model has them) + model card, as ``load_vrp`` reads them."""
+    from vrpsam_med.engine import stop_rule
+
+    (folder / stop_rule.FILE).unlink(missing_ok=True)  # fitted for the decoder these weights replace
     save_encoder(model.encoder, folder, card)
     lora = [m for m in model.backbone.mask_decoder.modules() if isinstance(m, LoRALinear)]
     if lora:
@@ -235,18 +241,52 @@ def validate(cfg: FinetuneConfig, model: VRPSAM, val_ds: MSDDataset, cache: Embe
     return {"mean_dice": result.mean_dice, "per_label": result.per_label}
 
 
-def before_after(history: list[dict], best_step: int) -> tuple[dict, str]:
-    """Validation of the start model vs the best checkpoint: JSON and a markdown table."""
+def before_after(history: list[dict], best_step: int, calibrated: dict | None = None) -> tuple[dict, str]:
+    """Validation of the start model vs the best checkpoint (and vs best with its refitted stop rule):
+    JSON and a markdown table."""
     before = history[0]
     after = next(h for h in history if h["step"] == best_step)
     names = list(before["per_label"])
-    data = {"before": before, "after": after, "delta_mean_dice": after["mean_dice"] - before["mean_dice"]}
-    lines = ["| structure | before (step 0) | after (step %d) | change |" % best_step, "|---|---|---|---|"]
+    final = calibrated or after
+    data = {"before": before, "after": after, "delta_mean_dice": final["mean_dice"] - before["mean_dice"]}
+    head = f"| structure | before (step 0) | after (step {best_step}) |"
+    if calibrated:
+        data["after_stop_rule_refitted"] = calibrated
+        head += " after, stop rule refitted |"
+    lines = [head + " change |", "|---|---|---|" + "---|" * (2 if calibrated else 1)]
     for n in names + ["mean"]:
-        b = before["mean_dice"] if n == "mean" else before["per_label"][n]
-        a = after["mean_dice"] if n == "mean" else after["per_label"][n]
-        lines.append(f"| {n} | {b:.3f} | {a:.3f} | {a - b:+.3f} |")
+        cells = [h["mean_dice"] if n == "mean" else h["per_label"][n] for h in (before, after, calibrated) if h]
+        lines.append(f"| {n} | " + " | ".join(f"{v:.3f}" for v in cells) + f" | {cells[-1] - cells[0]:+.3f} |")
     return data, "\n".join(lines) + "\n"
+
+
+def calibrate_stop_rule(cfg: FinetuneConfig, run_dir: Path, ds: MSDDataset, cache: EmbeddingCache
+                        ) -> dict | None:
+    """Refit the engine's stop rule for ``run_dir/best``'s adapted decoder on the train patients, store it
+    there (``stop_rule.json``) and validate best again with it -> the validation result (None when the
+    train patients give too few slices to fit: best keeps the default rule)."""
+    from vrpsam_med.engine import stop_rule
+    from vrpsam_med.engine.segmenter import Segmenter
+
+    model = load_vrp(cache.backbone, run_dir / "best")
+    names = {v: n for v, n in ds.labels.items() if not cfg.labels or n in cfg.labels}
+    cases = []
+    for case in ds.cases("train"):
+        vol, lab = ds.load(case)
+        if lab is not None:
+            cases.append((vol, lab, names))
+    t0 = time.perf_counter()
+    try:
+        rule, n = stop_rule.calibrate(Segmenter(model, cache=cache), cases)
+    except ValueError as exc:
+        log.warning("stop rule not refitted (%s): %s keeps the default rule", exc, run_dir / "best")
+        (run_dir / "best" / stop_rule.FILE).unlink(missing_ok=True)
+        return None
+    stop_rule.save(run_dir / "best", rule, {"fitted_on": [c.case_id for c in ds.cases("train")], "slices": n,
+                                            "seconds": round(time.perf_counter() - t0, 1)})
+    model.stop_rule = rule
+    log.warning("stop rule refitted for the adapted decoder on %d slices: %s", n, rule)
+    return validate(cfg, model, ds, cache)
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -422,7 +462,11 @@ def finetune(cfg: FinetuneConfig, records: list, val_ds: MSDDataset, cache: Embe
             break
     table = ""
     if rank == 0:
-        data, table = before_after(history, best_step)
+        calibrated = None
+        if cfg.lora.decoder and cfg.calibrate_stop_rule:
+            refit = calibrate_stop_rule(cfg, run_dir, val_ds, cache)
+            calibrated = None if refit is None else {"step": best_step, **refit}
+        data, table = before_after(history, best_step, calibrated)
         (run_dir / "before_after.json").write_text(json.dumps(data, indent=2))
         (run_dir / "before_after.md").write_text(table)
     if distributed:
