@@ -328,8 +328,7 @@ class Segmenter:
             return 0.0
         proto = self._prototypes(emb, mask)[0]
         sfg, sbg = self._similarity_of(st, proto)
-        growth = float(np.log((mask.sum() + 1) / (prev_area + 1))) if prev_area else 0.0
-        x = (1.0, sfg, sbg, self._ring_similarity(emb, mask, proto), float(iou), growth)
+        x = stop_rule.features(sfg, sbg, self._ring_similarity(emb, mask, proto), iou, int(mask.sum()), prev_area)
         return stop_rule.probability(self.stop_rule, x)
 
     def _looks_like(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray) -> tuple[bool, float]:

@@ -40,10 +40,15 @@ def probability(rule: Sequence[float], x: Sequence[float]) -> float:
     return float(1.0 / (1.0 + math.exp(-float(np.dot(rule, x)))))
 
 
+def features(sfg: float, sbg: float, sring: float, iou: float, area: int, prev_area: int) -> list[float]:
+    """The feature vector (``FEATURES`` order, bias first) of a propagated mask of ``area`` pixels."""
+    growth = float(np.log((area + 1) / (prev_area + 1))) if prev_area else 0.0
+    return [1.0, sfg, sbg, sring, float(iou), growth]
+
+
 def row_features(row: dict) -> list[float]:
     """A recorded slice (:func:`propagation_rows`) -> its feature vector, bias first."""
-    growth = float(np.log((row["area"] + 1) / (row["prev_area"] + 1))) if row["prev_area"] else 0.0
-    return [1.0, row["sfg"], row["sbg"], row["sring"], row["biou"], growth]
+    return features(row["sfg"], row["sbg"], row["sring"], row["biou"], row["area"], row["prev_area"])
 
 
 def propagation_rows(seg: Segmenter, volume: Volume, labels: np.ndarray, value: int, name: str,
@@ -57,18 +62,18 @@ def propagation_rows(seg: Segmenter, volume: Volume, labels: np.ndarray, value: 
     (SAM's IoU estimate), dice, and the prototype similarities sfg, sbg, sprev, sring (-1 for an empty
     mask). ``extra(k, emb, mask)`` may add fields. Ring structures are skipped (decoded differently).
     """
-    from vrpsam_med.engine.segmenter import _dice, _hole
+    from vrpsam_med.engine.segmenter import _dice
 
     areas = (labels == value).sum((0, 1))
     if areas.max() == 0:
         return []
     k0 = int(np.argmax(areas))
     ref_mask = get_slice(labels, k0) == value
-    if _hole(ref_mask, seg.config.ring_min_hole).any():
-        return []
     shape, n = slice_shape(volume.shape, 2), volume.shape[2]
     seg.add_reference(volume, k0, Annotation.from_mask(ref_mask), name=name)
     st = seg._structures[name]
+    if st.ring:
+        return []
     fg = st.prototypes[-1][0]
     rows = []
     for step in (-1, 1):

@@ -270,8 +270,9 @@ def calibrate_stop_rule(cfg: FinetuneConfig, run_dir: Path, ds: MSDDataset, cach
 
     model = load_vrp(cache.backbone, run_dir / "best")
     names = {v: n for v, n in ds.labels.items() if not cfg.labels or n in cfg.labels}
+    train = ds.cases("train")
     cases = []
-    for case in ds.cases("train"):
+    for case in train:
         vol, lab = ds.load(case)
         if lab is not None:
             cases.append((vol, lab, names))
@@ -282,7 +283,7 @@ def calibrate_stop_rule(cfg: FinetuneConfig, run_dir: Path, ds: MSDDataset, cach
         log.warning("stop rule not refitted (%s): %s keeps the default rule", exc, run_dir / "best")
         (run_dir / "best" / stop_rule.FILE).unlink(missing_ok=True)
         return None
-    stop_rule.save(run_dir / "best", rule, {"fitted_on": [c.case_id for c in ds.cases("train")], "slices": n,
+    stop_rule.save(run_dir / "best", rule, {"fitted_on": [c.case_id for c in train], "slices": n,
                                             "seconds": round(time.perf_counter() - t0, 1)})
     model.stop_rule = rule
     log.warning("stop rule refitted for the adapted decoder on %d slices: %s", n, rule)
