@@ -74,6 +74,7 @@ def test_shipped_configs_validate_and_overrides_apply():
     ("validation:\n  method: atlas\n", r"validation.method must be vrp or engine"),
     ("validation:\n  method: engine\n  protocol: fewshot\n", r"method engine needs validation.protocol volume"),
     ("box_prompts:\n  wieght: 1\n", r"box_prompts: unknown key 'wieght'.*'weight'"),
+    ("box_prompts:\n  p_larger: 1.5\n", r"box_prompts: .*p_larger in \[0, 1\]"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, match):
     f = tmp_path / "c.yaml"

@@ -86,6 +86,14 @@ def test_box_episodes_prompt_like_propagation(tmp_path):
     assert 0 < float(empty.float().mean()) < 1
     last = {mask_box(recs[0].labels[k] == 1)[2] for k in (1, 4)} | {mask_box(recs[1].labels[k] == 1)[2] for k in (1, 4)}
     assert all(round(float(b[2]) - 1) in {round(x) for x in last} for b in ends.boxes[empty])
+    # larger-neighbour episodes: the box is the largest slice's within `neighbour`, so it holds the target
+    loose = s.box_batch(40, max_margin=0.0, neighbour=2, p_larger=1.0)
+    wider = 0
+    for box, mask in zip(loose.boxes.numpy(), loose.tgt_mask[:, 0].numpy() > 0):
+        tight = mask_box(mask)
+        assert (box[:2] <= tight[:2] + 1e-6).all() and (box[2:] >= tight[2:] - 1e-6).all()
+        wider += bool(box[2] - box[0] > tight[2] - tight[0] + 1)
+    assert wider > 0
     with pytest.raises(ValueError, match="labelled structures"):
         EpisodeSampler(recs, EpisodeConfig(exclude=["liver"], p_supervoxel=1.0)).box_batch(1)
 

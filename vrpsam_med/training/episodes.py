@@ -89,15 +89,17 @@ class EpisodeSampler:
             kinds=[e[6] for e in eps],
         )
 
-    def box_batch(self, size: int, max_margin: float = 0.1, neighbour: int = 1, p_past_end: float = 0.0
-                  ) -> BoxBatch:
+    def box_batch(self, size: int, max_margin: float = 0.1, neighbour: int = 1, p_past_end: float = 0.0,
+                  p_larger: float = 0.0) -> BoxBatch:
         """Labelled slices prompted as the volume engine prompts them during propagation.
 
         The box is the structure's box on a slice up to ``neighbour`` away (the engine's previous
         slice), grown by a random share in [0, ``max_margin``] of its size per side (min 1 px). With
         probability ``p_past_end`` the target is the first slice past either end of the structure,
         prompted with the last slice's box, and its target mask is empty: propagation must be able
-        to stop there.
+        to stop there. With probability ``p_larger`` the box comes from the slice within ``neighbour``
+        where the structure is largest: the structure shrinks inside a loose box, as when propagation
+        carries a box past an organ's widest slice, and the decoder must not fill the box.
         """
         if not self.keys:
             raise ValueError("box-prompt episodes need labelled structures (all excluded or too small)")
@@ -115,6 +117,9 @@ class EpisodeSampler:
                 if not ends:
                     continue
                 k, src = ends[self.rng.integers(len(ends))]
+            elif p_larger > 0 and self.rng.random() < p_larger:
+                near = range(max(0, k - neighbour), min(rec.num_slices, k + neighbour + 1))
+                src = max(near, key=lambda j: int((rec.labels[j] == key[1]).sum()))
             elif not 0 <= src < rec.num_slices or not (rec.labels[src] == key[1]).any():
                 src = k
             box = mask_box(rec.labels[src] == key[1])

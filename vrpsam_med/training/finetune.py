@@ -69,6 +69,7 @@ class BoxPromptConfig:
     max_margin: float = 0.1  # boxes grow by a random share in [0, max_margin] of their size per side
     neighbour: int = 1  # the box comes from a slice up to this far away (as in propagation)
     p_past_end: float = 0.25  # share of boxes on the first slice past the structure's end: target empty
+    p_larger: float = 0.0  # share of boxes from the largest slice within `neighbour`: the decoder must not fill the box
 
 
 @dataclass
@@ -135,9 +136,10 @@ def load_finetune_config(path: str | Path | None, overrides: dict[str, Any] | No
     if cfg.validation.method == "engine" and cfg.validation.protocol != "volume":
         raise UsageError(f"{where}: validation.method engine needs validation.protocol volume")
     bp = cfg.box_prompts
-    if bp.weight < 0 or bp.batch_size < 1 or bp.max_margin < 0 or not 0 <= bp.p_past_end < 1:
-        raise UsageError(f"{where}: box_prompts: weight and max_margin must be >= 0, batch_size >= 1, "
-                         "p_past_end in [0, 1)")
+    if (bp.weight < 0 or bp.batch_size < 1 or bp.max_margin < 0 or bp.neighbour < 0
+            or not 0 <= bp.p_past_end < 1 or not 0 <= bp.p_larger <= 1):
+        raise UsageError(f"{where}: box_prompts: weight, max_margin and neighbour must be >= 0, batch_size >= 1, "
+                         "p_past_end in [0, 1), p_larger in [0, 1]")
     if not 0 < cfg.val_fraction < 1:
         raise UsageError(f"{where}: val_fraction must lie in (0, 1)")
     if cfg.min_val_patients < 2:
@@ -481,7 +483,7 @@ def box_step(model: VRPSAM, sampler: EpisodeSampler, cfg: FinetuneConfig, use_bf
     from vrpsam_med.models.backbones import LOW_RES
 
     bp, bb = cfg.box_prompts, model.backbone
-    b = sampler.box_batch(bp.batch_size, bp.max_margin, bp.neighbour, bp.p_past_end)
+    b = sampler.box_batch(bp.batch_size, bp.max_margin, bp.neighbour, bp.p_past_end, bp.p_larger)
     emb, mask = b.tgt_emb.to(bb.device), b.tgt_mask.to(bb.device)
     with torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=use_bf16):
         logits, _ = bb.decode(emb, bb.prompt_tokens(boxes=b.boxes.to(bb.device) * (bb.image_size / LOW_RES)))
