@@ -7,7 +7,9 @@ Arguments: set, number of train patients (one volume each), structures, then one
 setting per variant (``key=value``; several joined with ``;``). Every ordered pair of different
 patients: reference = the structure's largest slice in one, target = the other's whole volume
 (registration prior). Per variant and structure: mean 3D Dice and the share of slices without the
-structure that got a mask. ``VERBOSE=1`` also prints every pair: seeds, seed-slice Dice, 3D Dice.
+structure that got a mask. ``VERBOSE=1`` also prints every pair: seeds, seed-slice Dice, 3D Dice,
+and the slice range of the structure and of the prediction. ``MODEL=RUN_DIR`` uses a fine-tuned model;
+``PAIRS=0-3,1-2`` keeps only those (reference, target) pairs.
 """
 import os
 import sys
@@ -33,12 +35,13 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def main() -> None:
     name, n, structures, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4:] or [""]
     cache = EmbeddingCache(load_backbone(device="cpu"), progress=False)
-    model = load_vrp(cache.backbone)
+    model = load_vrp(cache.backbone, os.environ.get("MODEL") or None)
     ds = MSDDataset.open(DATA / name)
     first = {}
     for c in ds.cases("train"):
         first.setdefault(patient_id(c.case_id), c)
     loaded = [ds.load(c) for c in list(first.values())[:n]]
+    pairs = set(filter(None, os.environ.get("PAIRS", "").split(",")))  # e.g. PAIRS=0-3,1-2
     for spec in variants:
         t, res = time.perf_counter(), {}
         for ri, (rvol, rlab) in enumerate(loaded):
@@ -50,7 +53,7 @@ def main() -> None:
                 seg = Segmenter(model, cache=cache, config=config(spec))
                 seg.add_reference(rvol, k, Annotation.from_mask(get_slice(rlab, k) == v), name=s)
                 for ti, (tvol, tlab) in enumerate(loaded):
-                    if ti == ri or not (tlab == v).any():
+                    if ti == ri or not (tlab == v).any() or (pairs and f"{ri}-{ti}" not in pairs):
                         continue
                     out = seg.segment(tvol)
                     pred, gt = out.labels > 0, tlab == v
@@ -58,9 +61,15 @@ def main() -> None:
                         seeds = out.structures[s].seeds
                         print(spec, ri, ti, s, "seeds", seeds, "seed Dice",
                               [round(dice_3d(pred[..., k], gt[..., k]), 2) for k in seeds],
-                              "Dice", round(dice_3d(pred, gt), 3), flush=True)
+                              "Dice", round(dice_3d(pred, gt), 3), "slices", _extent(gt), "predicted",
+                              _extent(pred), flush=True)
                     res.setdefault(s, []).append(score(pred, gt))
         print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summarise(res), flush=True)
+
+
+def _extent(mask: np.ndarray) -> str:
+    z = np.flatnonzero(mask.any((0, 1)))
+    return f"{z.min()}-{z.max()}" if z.size else "none"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (48, 48, 4)
 # tiny budget: fewshot validation of one structure on the 2 val patients, every 2 steps
 FAST = ["--labels", "organ", "--val-protocol", "fewshot", "--val-every", "2", "--val-cases", "2",
-        "--batch-size", "1", "--set", "bf16=false", "--lora-decoder", "--lora-rank", "2"]
+        "--batch-size", "1", "--set", "bf16=false", "--lora-decoder", "--lora-rank", "2",
+        "--set", "engine.localised_box_margin=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,8 @@ def test_shipped_configs_validate_and_overrides_apply():
     ("validation:\n  method: engine\n  protocol: fewshot\n", r"method engine needs validation.protocol volume"),
     ("box_prompts:\n  wieght: 1\n", r"box_prompts: unknown key 'wieght'.*'weight'"),
     ("box_prompts:\n  p_larger: 1.5\n", r"box_prompts: .*p_larger in \[0, 1\]"),
+    ("engine:\n  localised_box_margni: 0.1\n", r"engine: unknown engine setting 'localised_box_margni'"),
+    ("engine:\n  localised_box_margin: -1\n", r"engine: localised_box_margin must be a number >= 0"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, match):
     f = tmp_path / "c.yaml"
@@ -240,6 +243,9 @@ def test_run_writes_best_last_log_and_before_after(straight_run):
     assert rule is not None and rule != stop_rule.DEFAULT_RULE and stop_rule.load(straight_run / "last") is None
     assert ba["after_stop_rule_refitted"]["step"] == ba["after"]["step"]
     assert "stop rule refitted" in (straight_run / "before_after.md").read_text()
+    from vrpsam_med.engine import model_settings
+
+    assert all(model_settings.load(straight_run / sub) == {"localised_box_margin": 0.1} for sub in ("best", "last"))
     log = (straight_run / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,seconds,loss") and len(log) >= 5  # validations 0, 2, 4 + steps 1, 4...
     rows = [dict(zip(log[0].split(","), r.split(","))) for r in log[1:]]
@@ -277,6 +283,8 @@ def test_model_run_dir_loads_everywhere(env, straight_run, backbone):
     assert not any(isinstance(m, LoRALinear) for m in backbone.mask_decoder.modules())
     seg = Segmenter(straight_run, cache=EmbeddingCache(backbone, env["cache"], progress=False))
     assert seg.stop_rule == model.stop_rule == stop_rule.load(straight_run / "best")  # the refitted rule is used
+    assert seg.localised_box_margin == 0.1  # the run's engine setting travels with it
+    assert Segmenter(load_vrp(backbone), cache=seg.cache).localised_box_margin == 0.03  # shipped model: default
     assert any(isinstance(m, LoRALinear) for m in seg.model.backbone.mask_decoder.modules())
     # the engine's box prompts go through the adapted decoder (not the cache's plain backbone); 4 steps
     # barely move the adapters, so they are made large here to see where the prompts go

@@ -102,6 +102,30 @@ def test_structure_is_found_in_another_volume(model_and_cache, localisation):
     assert dice_3d(res.labels == 1, olab == 1) > 0.6
 
 
+def test_localised_box_margin_comes_from_the_model(model_and_cache, monkeypatch):
+    """Other volumes propagate with the model's localised margin (engine.json); its own volume with box_margin."""
+    model, _ = model_and_cache
+    monkeypatch.setattr(model, "engine_settings", {"localised_box_margin": 0.25}, raising=False)
+    seen: list[tuple[bool, float]] = []
+    propagate = Segmenter._propagate_one
+
+    def spy(self, st, volume, k, prev, vrp_out, shape, ax, preset, margin=None, *a, **kw):
+        seen.append((volume is vol, margin))
+        return propagate(self, st, volume, k, prev, vrp_out, shape, ax, preset, margin, *a, **kw)
+
+    monkeypatch.setattr(Segmenter, "_propagate_one", spy)
+    vol, lab = phantom()
+    seg = make(model_and_cache)
+    assert seg.localised_box_margin == 0.25
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    seg.segment(vol)
+    seg.segment(phantom(shift=3)[0])
+    assert {m for same, m in seen if same} == {seg.config.box_margin} and {m for same, m in seen if not same} == {0.25}
+    assert make(model_and_cache, localised_box_margin=0.05).localised_box_margin == 0.05  # explicit value wins
+    with pytest.raises(SegmenterError, match="localised_box_margin: expected 'model' or a number"):
+        make(model_and_cache, localised_box_margin="wide")
+
+
 def test_k_references_and_clean_up_switch(model_and_cache):
     vol, lab = phantom()
     seg = make(model_and_cache, cleanup=False)

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from vrpsam_med.engine import stop_rule
+from vrpsam_med.engine import model_settings, stop_rule
 from vrpsam_med.engine.reference import Reference, make_reference
 from vrpsam_med.engine.ring import WallIntensity, adaptive_wall, fixed_wall
 from vrpsam_med.errors import UsageError
@@ -84,7 +84,9 @@ class SegmenterConfig:
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
     box_margin: float = 0.03  # neighbour's box grows by this share of its size (min 2 px) per side; tuned on train
     localisation: str = "registration"  # other volumes: "registration" (affine prior) | "scan" (VRP at a stride)
-    localised_box_margin: float = 0.03  # same, after a localised (not annotated) seed; 0.1 tied on train
+    # same, after a localised (not annotated) seed. "model": the model's own setting (engine/model_settings.py,
+    # e.g. 0.1 for a decoder fine-tuned on loose boxes), else 0.03 (0.1 tied on train with LiteMedSAM's decoder)
+    localised_box_margin: float | str = "model"
     slab_max_slices: int = 16  # other volumes with at most this many slices: in-plane registration (see _warp_atlas)
     seed_prototype: bool = False  # other volumes: the seed's own look also counts when propagating (unproven)
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
@@ -204,6 +206,11 @@ class Segmenter:
         elif isinstance(rule, str):
             raise SegmenterError(f"stop_rule: expected 'model', weights or None; got {rule!r}")
         self.stop_rule: tuple[float, ...] | None = None if rule is None else tuple(rule)
+        try:
+            self.localised_box_margin = model_settings.resolve(self.config.localised_box_margin, model,
+                                                               "localised_box_margin")
+        except ValueError as exc:
+            raise SegmenterError(str(exc)) from None
         self._structures: dict[str, _Structure] = {}
         self._transforms: dict[tuple, object] = {} if registrations is None else registrations
         self._intensities: tuple[tuple, np.ndarray] | None = None  # (volume digest, preset) -> model intensities
@@ -526,7 +533,7 @@ class Segmenter:
                 # from another patient looks less alike slice after slice and stopped it early).
                 st = replace(st, prototypes=st.prototypes + seed_protos)
         # a localised seed may be off; a wider box lets propagation recover the structure's extent
-        margin = cfg.box_margin if same else cfg.localised_box_margin
+        margin = cfg.box_margin if same else self.localised_box_margin
         # 2. propagation, outward from every seed
         for k0, _ in seeds:
             for step in (-1, 1):

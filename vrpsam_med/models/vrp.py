@@ -296,7 +296,7 @@ def load_vrp(backbone: nn.Module, path: str | Path | None = None) -> VRPSAM:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from vrpsam_med.engine import stop_rule
+    from vrpsam_med.engine import model_settings, stop_rule
 
     folder = resolve_model_dir(path)
     file = folder / "vrp_encoder.safetensors"
@@ -321,4 +321,5 @@ def load_vrp(backbone: nn.Module, path: str | Path | None = None) -> VRPSAM:
     model.card = json.loads(card.read_text()) if card.exists() else {}
     model.card_path = folder
     model.stop_rule = stop_rule.load(folder)  # the engine's stop rule fitted for a fine-tuned decoder, if any
+    model.engine_settings = model_settings.load(folder)  # engine settings chosen for this model, if any
     return model

@@ -110,6 +110,9 @@ class FinetuneConfig:
     # With lora.decoder: refit the volume engine's stop rule for the adapted decoder on the train patients
     # at the end (vrpsam_med/engine/stop_rule.py), store it in best/ and validate best again with it.
     calibrate_stop_rule: bool = True
+    # Volume-engine settings stored with the model (engine.json, vrpsam_med/engine/model_settings.py); e.g.
+    # localised_box_margin: 0.1 for a decoder trained on loose boxes. Empty: the engine's defaults.
+    engine: dict = field(default_factory=dict)
     max_memory_fraction: float = 0.8  # refuse to start when the estimate exceeds this share of free memory
     episodes: EpisodeConfig = field(default_factory=lambda: EpisodeConfig(p_supervoxel=0.2))
 
@@ -129,6 +132,14 @@ def load_finetune_config(path: str | Path | None, overrides: dict[str, Any] | No
                          "(embeddings are cached; see docs/finetune.md); adapt the VRP encoder and lora.decoder")
     if not cfg.train_encoder and not cfg.lora.decoder:
         raise UsageError(f"{where}: nothing to train: set train_encoder: true and/or lora.decoder: true")
+    if not isinstance(cfg.engine, dict):
+        raise UsageError(f"{where}: engine must be a mapping of engine settings")
+    from vrpsam_med.engine import model_settings
+
+    try:
+        model_settings.check(cfg.engine, Path(where))
+    except Exception as exc:  # CheckpointError names the file; here it is the config
+        raise UsageError(f"{where}: engine: {str(exc).split(': ', 1)[1]}") from None
     if cfg.validation.protocol not in PROTOCOLS:
         raise UsageError(f"{where}: validation.protocol must be one of {', '.join(PROTOCOLS)}")
     if cfg.validation.method not in ("vrp", "engine"):
@@ -203,6 +214,7 @@ def build_model(cfg: FinetuneConfig, backbone: torch.nn.Module, start: str | Pat
     """The start model (with fresh LoRA adapters when asked) and its trainable parameters."""
     torch.manual_seed(cfg.seed)
     model = load_vrp(backbone, start)
+    model.engine_settings = {**model.engine_settings, **cfg.engine}  # validation uses them too
     has_lora = any(isinstance(m, LoRALinear) for m in model.backbone.mask_decoder.modules())
     if cfg.lora.decoder and not has_lora:
         model.backbone = with_adapted_decoder(model.backbone, cfg.lora.rank, cfg.lora.alpha)
@@ -218,9 +230,14 @@ def build_model(cfg: FinetuneConfig, backbone: torch.nn.Module, start: str | Pat
 
 def save_model(model: VRPSAM, folder: Path, card: dict) -> None:
     """Encoder (+ decoder adapters when the model has them) + model card, as ``load_vrp`` reads them."""
-    from vrpsam_med.engine import stop_rule
+    from vrpsam_med.engine import model_settings, stop_rule
 
     (folder / stop_rule.FILE).unlink(missing_ok=True)  # fitted for the decoder these weights replace
+    settings = getattr(model, "engine_settings", {})
+    if settings:
+        model_settings.save(folder, settings)
+    else:
+        (folder / model_settings.FILE).unlink(missing_ok=True)
     save_encoder(model.encoder, folder, card)
     lora = [m for m in model.backbone.mask_decoder.modules() if isinstance(m, LoRALinear)]
     if lora:
