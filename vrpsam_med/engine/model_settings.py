@@ -21,8 +21,8 @@ def save(folder: str | Path, settings: dict[str, float]) -> Path:
     """Write ``folder/engine.json`` (atomically); only known keys."""
     from vrpsam_med.io.atomic import atomic_write
 
-    check(settings, Path(folder) / FILE)
     path = Path(folder) / FILE
+    _checked(settings, path)
     with atomic_write(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps({k: float(v) for k, v in settings.items()}, indent=2))
     return path
@@ -37,18 +37,26 @@ def load(folder: str | Path) -> dict[str, float]:
         data = json.loads(path.read_text())
     except ValueError as exc:
         raise CheckpointError(f"{path}: not JSON ({exc})") from exc
-    check(data, path)
+    _checked(data, path)
     return {k: float(v) for k, v in data.items()}
 
 
-def check(settings: object, path: Path) -> None:
+def check(settings: object) -> None:
+    """ValueError (without a location) when ``settings`` is not a mapping of known, valid settings."""
     if not isinstance(settings, dict):
-        raise CheckpointError(f"{path}: expected an object of engine settings")
+        raise ValueError("expected an object of engine settings")
     for key, value in settings.items():
         if key not in DEFAULTS:
-            raise CheckpointError(f"{path}: unknown engine setting {key!r} (known: {', '.join(DEFAULTS)})")
+            raise ValueError(f"unknown engine setting {key!r} (known: {', '.join(DEFAULTS)})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise CheckpointError(f"{path}: {key} must be a number >= 0, got {value!r}")
+            raise ValueError(f"{key} must be a number >= 0, got {value!r}")
+
+
+def _checked(settings: object, path: Path) -> None:
+    try:
+        check(settings)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def resolve(value: float | str, model: object, key: str) -> float:

@@ -132,14 +132,12 @@ def load_finetune_config(path: str | Path | None, overrides: dict[str, Any] | No
                          "(embeddings are cached; see docs/finetune.md); adapt the VRP encoder and lora.decoder")
     if not cfg.train_encoder and not cfg.lora.decoder:
         raise UsageError(f"{where}: nothing to train: set train_encoder: true and/or lora.decoder: true")
-    if not isinstance(cfg.engine, dict):
-        raise UsageError(f"{where}: engine must be a mapping of engine settings")
     from vrpsam_med.engine import model_settings
 
     try:
-        model_settings.check(cfg.engine, Path(where))
-    except Exception as exc:  # CheckpointError names the file; here it is the config
-        raise UsageError(f"{where}: engine: {str(exc).split(': ', 1)[1]}") from None
+        model_settings.check(cfg.engine)
+    except ValueError as exc:
+        raise UsageError(f"{where}: engine: {exc}") from None
     if cfg.validation.protocol not in PROTOCOLS:
         raise UsageError(f"{where}: validation.protocol must be one of {', '.join(PROTOCOLS)}")
     if cfg.validation.method not in ("vrp", "engine"):
