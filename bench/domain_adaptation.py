@@ -2,6 +2,7 @@
 
     python bench/domain_adaptation.py --model base=runs/no_chaos --model finetuned=runs/da_chaos \
         --out docs/results/domain_adaptation.json [--sets chaos_mr_t2,btcv_ct] [--evals engine:mask,fewshot:mask]
+        [--engine registration_transform=similarity]
 
 Evaluations (evaluate harness, all test patients of each set):
 - ``engine:KIND``: the volume engine (`volume` protocol, method `engine`), reference = the structure's
@@ -12,6 +13,8 @@ Evaluations (evaluate harness, all test patients of each set):
 Results are stored per (model, set, evaluation) key, so an interrupted run resumes.
 ``--model NAME=PATH#default-rule`` loads PATH but ignores a stop rule refitted for its fine-tuned decoder
 (``stop_rule.json``): the engine then uses the rule fitted for LiteMedSAM's own decoder.
+``--engine KEY=VALUE[;KEY=VALUE]`` sets ``SegmenterConfig`` fields for every engine evaluation of the run
+(give the models their own names: results are keyed by name).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tune_engine_same import config
 from vrp_eval import DATA, SETS, save_results  # the same data root and structures as the other benchmarks
 
 from vrpsam_med.engine.reference import ReferencePredictor
@@ -38,7 +42,9 @@ def main() -> None:
     ap.add_argument("--evals", default="engine:mask,fewshot:mask")
     ap.add_argument("--max-cases", type=int, default=None)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--engine", default="", help="SegmenterConfig fields, KEY=VALUE joined with ';'")
     args = ap.parse_args()
+    engine_config = config(args.engine) if args.engine else None
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: shared data not found")
     cache = EmbeddingCache(load_backbone(), progress=False)
@@ -62,8 +68,9 @@ def main() -> None:
                                  labels=SETS[set_name], method="engine" if protocol == "engine" else "vrp",
                                  max_cases=args.max_cases)
                 t = time.perf_counter()
-                res = evaluate(MSDDataset.open(DATA / set_name), cfg, cache, predictor, progress=False)
-                results[key] = {**res.to_json(), "model_path": path}
+                res = evaluate(MSDDataset.open(DATA / set_name), cfg, cache, predictor, progress=False,
+                               engine_config=engine_config)
+                results[key] = {**res.to_json(), "model_path": path, "engine": args.engine}
                 print(f"{key}: mean {res.mean_dice:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
                 save_results(args.out, results)
     print(table(results))

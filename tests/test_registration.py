@@ -22,8 +22,8 @@ def test_register_is_reproducible_and_restores_itk_threads(monkeypatch):
     threads_before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     seen = []
     real = registration._register
-    monkeypatch.setattr(registration, "_register", lambda *a: seen.append(
-        sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) or real(*a))
+    monkeypatch.setattr(registration, "_register", lambda *a, **k: seen.append(
+        sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()) or real(*a, **k))
     runs = [registration.register(fixed, moving).GetParameters() for _ in range(3)]
     assert seen == [1, 1, 1]  # ITK's threaded sums are order-dependent: one thread makes them reproducible
     assert runs[0] == runs[1] == runs[2]
@@ -31,3 +31,15 @@ def test_register_is_reproducible_and_restores_itk_threads(monkeypatch):
     # the shift is found (the moving organ sits 5 voxels = 6 mm further along x)
     offset = registration.register(fixed, moving).TransformPoint((0.0, 0.0, 0.0))
     assert abs(abs(offset[0]) - 6.0) < 2.0, offset
+
+
+def test_similarity_transform_finds_the_shift_and_unknown_kinds_are_refused():
+    import pytest
+
+    fixed, moving = _blob(0, 0), _blob(5, 1)
+    tx = registration.register(fixed, moving, transform="similarity")
+    assert len(tx.GetParameters()) == 7  # versor (3), translation (3), one scale
+    offset = tx.TransformPoint((0.0, 0.0, 0.0))
+    assert abs(abs(offset[0]) - 6.0) < 2.0, offset
+    with pytest.raises(ValueError, match="unknown registration transform 'bspline'"):
+        registration.register(fixed, moving, transform="bspline")

@@ -344,6 +344,22 @@ def test_one_registration_per_reference_and_target_whatever_the_number_of_struct
     assert len(calls) == 1  # and again for the same pair: the transform is kept
 
 
+def test_registration_transform_setting_reaches_the_3d_registration(model_and_cache, monkeypatch):
+    import vrpsam_med.engine.registration as registration
+
+    kinds = []
+    real = registration.register
+    monkeypatch.setattr(registration, "register", lambda *a, **k: kinds.append(k.get("transform")) or real(*a, **k))
+    vol, lab = phantom(n=24)
+    other, olab = phantom(shift=4, n=24)
+    for transform in ("affine", "similarity"):
+        seg = make(model_and_cache, registration_transform=transform)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        found = seg.segment(other).labels == 1
+        assert dice_3d(found, olab == 1) > 0.5
+    assert kinds == ["affine", "similarity"]  # 24 slices: a 3D registration, one per setting
+
+
 def test_stop_rule_decides_propagation_and_can_be_kept_to_the_reference_volume(model_and_cache, monkeypatch):
     vol, lab = phantom()
     other, olab = phantom(shift=5)

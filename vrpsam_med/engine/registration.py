@@ -67,21 +67,29 @@ def _affine_method(init: sitk.Transform, seed: int, sampling: float, iterations:
     return reg
 
 
-def register(fixed: Volume, moving: Volume, deformable: bool = False, seed: int = 1) -> sitk.Transform:
+TRANSFORMS = ("affine", "similarity")
+
+
+def register(fixed: Volume, moving: Volume, deformable: bool = False, seed: int = 1,
+             transform: str = "affine") -> sitk.Transform:
     """Transform mapping ``fixed`` (query) physical points into ``moving`` (support) space.
 
-    ``seed`` fixes the metric's random sampling (SimpleITK reads 0 as "seed from the clock"); with
-    :data:`REGISTRATION_THREADS` = 1 the same pair always gives the same transform.
+    ``transform``: "affine" (12 parameters) or "similarity" (rotation, translation, one scale: 7),
+    both initialised at the images' intensity centres of mass. ``seed`` fixes the metric's random
+    sampling (SimpleITK reads 0 as "seed from the clock"); with :data:`REGISTRATION_THREADS` = 1 the
+    same pair always gives the same transform.
     """
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown registration transform {transform!r}; use one of {', '.join(TRANSFORMS)}")
     with _reproducible_threads():
-        return _register(fixed, moving, deformable, seed)
+        return _register(fixed, moving, deformable, seed, transform)
 
 
-def _register(fixed: Volume, moving: Volume, deformable: bool, seed: int) -> sitk.Transform:
+def _register(fixed: Volume, moving: Volume, deformable: bool, seed: int, transform: str) -> sitk.Transform:
     f = sitk.Cast(_image(fixed, model_intensities(fixed)), sitk.sitkFloat32)
     m = sitk.Cast(_image(moving, model_intensities(moving)), sitk.sitkFloat32)
-    init = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    kind = sitk.AffineTransform(3) if transform == "affine" else sitk.Similarity3DTransform()
+    init = sitk.CenteredTransformInitializer(f, m, kind, sitk.CenteredTransformInitializerFilter.MOMENTS)
     # multi-resolution pyramid, without levels that would shrink the thinnest axis below 4 voxels
     small = min(min(f.GetSize()), min(m.GetSize()))
     pyramid = [(sf, sig) for sf, sig in ((4, 2), (2, 1)) if small // sf >= 4] + [(1, 0)]

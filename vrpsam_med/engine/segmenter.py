@@ -87,6 +87,7 @@ class SegmenterConfig:
     # same, after a localised (not annotated) seed. "model": the model's own setting (engine/model_settings.py,
     # e.g. 0.1 for a decoder fine-tuned on loose boxes), else 0.03 (0.1 tied on train with LiteMedSAM's decoder)
     localised_box_margin: float | str = "model"
+    registration_transform: str = "affine"  # other volumes: the 3D registration prior's transform (or "similarity")
     slab_max_slices: int = 16  # other volumes with at most this many slices: in-plane registration (see _warp_atlas)
     seed_prototype: bool = False  # other volumes: the seed's own look also counts when propagating (unproven)
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
@@ -678,8 +679,9 @@ class Segmenter:
         # one registration per (reference volume, target) pair, shared by every structure segmented in it
         key = (ref_vol.digest(), volume.digest(), ax, preset)
         if min(volume.shape[ax], ref_vol.shape[ax]) > self.config.slab_max_slices:
+            key += (self.config.registration_transform,)
             if key not in self._transforms:
-                self._transforms[key] = register(volume, ref_vol)
+                self._transforms[key] = register(volume, ref_vol, transform=self.config.registration_transform)
             return propagate_labels(volume, ref_vol, atlas.astype(np.int16), self._transforms[key]) > 0
 
         def stack(a: np.ndarray) -> np.ndarray:
