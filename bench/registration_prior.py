@@ -38,7 +38,10 @@ def main() -> None:
             row = []
             for kind in kinds:
                 t = time.perf_counter()
-                tx = register(tvol, rvol, deformable=True) if kind == "deformable" else register(tvol, rvol, transform=kind)
+                if kind == "deformable":
+                    tx = register(tvol, rvol, deformable=True)
+                else:
+                    tx = register(tvol, rvol, transform=kind)
                 secs[kind] += time.perf_counter() - t
                 for s in structures:
                     v = ds.label_value(s)
@@ -51,7 +54,8 @@ def main() -> None:
     print("|---" * (len(structures) + 3) + "|")
     for kind in kinds:
         vals = [float(np.mean(dice[(kind, s)])) for s in structures]
-        print(f"| {kind} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {np.mean(vals):.3f} | {secs[kind] / pairs:.1f} |")
+        cells = " | ".join(f"{v:.3f}" for v in vals)
+        print(f"| {kind} | {cells} | {np.mean(vals):.3f} | {secs[kind] / pairs:.1f} |")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import SimpleITK as sitk
 from vrpsam_med.io.intensity import model_intensities
 from vrpsam_med.io.volume import Volume
 
-
 REGISTRATION_THREADS: int | None = 1
 
 
