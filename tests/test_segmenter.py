@@ -358,6 +358,8 @@ def test_registration_transform_setting_reaches_the_3d_registration(model_and_ca
         found = seg.segment(other).labels == 1
         assert dice_3d(found, olab == 1) > 0.5
     assert kinds == ["affine", "similarity"]  # 24 slices: a 3D registration, one per setting
+    with pytest.raises(SegmenterError, match="registration_transform: expected one of affine, similarity; got 'rigid'"):
+        make(model_and_cache, registration_transform="rigid")
 
 
 def test_stop_rule_decides_propagation_and_can_be_kept_to_the_reference_volume(model_and_cache, monkeypatch):

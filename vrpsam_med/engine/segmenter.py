@@ -212,6 +212,11 @@ class Segmenter:
                                                                "localised_box_margin")
         except ValueError as exc:
             raise SegmenterError(str(exc)) from None
+        from vrpsam_med.engine.registration import TRANSFORMS
+
+        if self.config.registration_transform not in TRANSFORMS:
+            raise SegmenterError(f"registration_transform: expected one of {', '.join(TRANSFORMS)}; "
+                                 f"got {self.config.registration_transform!r}")
         self._structures: dict[str, _Structure] = {}
         self._transforms: dict[tuple, object] = {} if registrations is None else registrations
         self._intensities: tuple[tuple, np.ndarray] | None = None  # (volume digest, preset) -> model intensities
