@@ -10,25 +10,19 @@ patients. The engine warps its own segmentation of the reference volume, not the
 """
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from tune_engine_cross import DATA, first_volumes
 
 from vrpsam_med.engine.registration import propagate_labels, register
 from vrpsam_med.evaluation.metrics import dice_3d
-from vrpsam_med.evaluation.protocols import patient_id
 from vrpsam_med.io.msd import MSDDataset
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main() -> None:
     name, n, structures, kinds = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4].split(",")
     ds = MSDDataset.open(DATA / name)
-    first = {}
-    for c in ds.cases("train"):
-        first.setdefault(patient_id(c.case_id), c)
-    loaded = [ds.load(c) for c in list(first.values())[:n]]
+    loaded = first_volumes(ds, n)
     dice: dict[tuple[str, str], list[float]] = {}
     secs = dict.fromkeys(kinds, 0.0)
     for ri, (rvol, rlab) in enumerate(loaded):

@@ -37,10 +37,7 @@ def main() -> None:
     cache = EmbeddingCache(load_backbone(device="cpu"), progress=False)
     model = load_vrp(cache.backbone, os.environ.get("MODEL") or None)
     ds = MSDDataset.open(DATA / name)
-    first = {}
-    for c in ds.cases("train"):
-        first.setdefault(patient_id(c.case_id), c)
-    loaded = [ds.load(c) for c in list(first.values())[:n]]
+    loaded = first_volumes(ds, n)
     pairs = set(filter(None, os.environ.get("PAIRS", "").split(",")))  # e.g. PAIRS=0-3,1-2
     for spec in variants:
         t, res = time.perf_counter(), {}
@@ -65,6 +62,14 @@ def main() -> None:
                               _extent(pred), flush=True)
                     res.setdefault(s, []).append(score(pred, gt))
         print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summarise(res), flush=True)
+
+
+def first_volumes(ds: MSDDataset, n: int) -> list:
+    """(volume, labels) of the first ``n`` `train` patients, one volume each (their first case)."""
+    first = {}
+    for c in ds.cases("train"):
+        first.setdefault(patient_id(c.case_id), c)
+    return [ds.load(c) for c in list(first.values())[:n]]
 
 
 def _extent(mask: np.ndarray) -> str:
