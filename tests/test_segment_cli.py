@@ -73,7 +73,7 @@ def test_segment_dataset_target_box_annotation_names(capsys, data, tmp_path):
     assert np.allclose(mask.affine, nib.load(data["other"]).affine) and mask.shape == nib.load(data["other"]).shape
     man = json.loads((out / "manifest.json").read_text())
     assert man["reference"]["names"] == ["brain"] and man["reference"]["annotation_kind"] == "box"
-    assert man["engine"]["localisation"] == "scan"
+    assert man["engine"]["localisation"] == "scan" and man["engine"]["registration"] == "similarity"
     # same output folder, another reference: refused instead of mixing runs
     rc, _, err = _run(capsys, data, data["other"], *_ref(data), "--label", "2", "--slice", SLICE, "--out", out)
     assert rc == 2
@@ -153,13 +153,19 @@ def test_disk_full_mid_write_leaves_no_partial_file(capsys, data, tmp_path, monk
 
 
 def test_segment_with_annotation_file(capsys, data, tmp_path):
-    """A JSON point annotation (voxel space) as the reference; its kind and name reach the report."""
+    """A JSON point annotation (voxel space) as the reference; its kind and name reach the report.
+    ``--registration affine`` reaches the engine's configuration and the manifest."""
+    from vrpsam_med.engine import cohort
+
+    cohort._SEGMENTERS.clear()
     ann = tmp_path / "brain_points.json"
     ann.write_text(json.dumps({"kind": "point", "slice": SLICE, "points": [[50, 60], [40, 50]], "name": "brain"}))
     out = tmp_path / "out"
     rc, stdout, err = _run(capsys, data, data["other"], "--reference", data["ref"], "--annotation-file", ann,
-                           "--out", out)
+                           "--registration", "affine", "--out", out)
     assert rc == 0, err
+    assert [seg.config.registration_transform for seg, _ in cohort._SEGMENTERS.values()] == ["affine"]
+    assert json.loads((out / "manifest.json").read_text())["engine"]["registration"] == "affine"
     rep = json.loads((out / "other" / "other_report.json").read_text())
     assert rep["labels"] == {"1": "brain"} and rep["extra"]["reference"]["annotation"] == "point"
     assert rep["extra"]["reference"]["slice"] == SLICE and rep["extra"]["reference"]["annotation_file"] == str(ann)

@@ -362,6 +362,25 @@ def test_registration_transform_setting_reaches_the_3d_registration(model_and_ca
         make(model_and_cache, registration_transform="rigid")
 
 
+def test_localised_box_floor_in_mm_applies_in_other_volumes_only(model_and_cache, monkeypatch):
+    floors: list[tuple[float, float]] = []
+    real = Segmenter._grow
+    monkeypatch.setattr(Segmenter, "_grow", lambda self, box, shape, margin=None, min_px=(2.0, 2.0):
+                        floors.append(tuple(min_px)) or real(self, box, shape, margin, min_px))
+    vol, lab = phantom()
+    other, olab = phantom(shift=4)
+    seg = make(model_and_cache, localised_box_min_mm=9.0)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    seg.segment(vol)
+    assert floors and set(floors) == {(2.0, 2.0)}  # the reference's own volume: the 2 px floor
+    floors.clear()
+    assert dice_3d(seg.segment(other).labels == 1, olab == 1) > 0.5
+    assert (6.0, 6.0) in floors  # another volume: 9 mm at 1.5 mm pixels
+    for bad in (-1.0, "wide", float("nan")):
+        with pytest.raises(SegmenterError, match="localised_box_min_mm: expected a number of mm >= 0"):
+            make(model_and_cache, localised_box_min_mm=bad)
+
+
 def test_stop_rule_decides_propagation_and_can_be_kept_to_the_reference_volume(model_and_cache, monkeypatch):
     vol, lab = phantom()
     other, olab = phantom(shift=5)

@@ -185,8 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="redo finished cases and replace their outputs")
     p.add_argument("--no-cleanup", action="store_true", help="no 3D clean-up (connected components, gap closing)")
     p.add_argument("--localisation", choices=["registration", "scan"], default="registration",
-                   help="finding the structure in other patients: affine registration prior (default) or a "
+                   help="finding the structure in other patients: 3D registration prior (default) or a "
                         "VRP-SAM scan of every 4th slice (see docs/benchmarks.md)")
+    p.add_argument("--registration", choices=["similarity", "affine"], default="similarity",
+                   help="the registration prior's transform (default similarity: rotation, translation, one scale)")
     p.add_argument("--model", type=Path, default=None, help="trained VRP model folder or RUN_DIR (default: shipped)")
     _add_input_options(p)
     _add_model_options(p)
@@ -445,7 +447,7 @@ def cmd_segment(args) -> int:
                         model=str(args.model) if args.model else None, device=args.device,
                         precision=args.precision, cache_dir=None if str(args.cache_dir).lower() == "none"
                         else str(args.cache_dir), cleanup=not args.no_cleanup,
-                        localisation=args.localisation)
+                        localisation=args.localisation, registration=args.registration)
     cases = enumerate_targets(targets, args.split, exclude=[args.out])
     if not cases:
         raise UsageError("no target scans")

@@ -89,7 +89,8 @@ class EngineSpec:
     precision: str = "auto"
     cache_dir: str | None = "default"
     cleanup: bool = True
-    localisation: str = "registration"  # other patients: "registration" (affine prior) | "scan"
+    localisation: str = "registration"  # other patients: "registration" (3D registration prior) | "scan"
+    registration: str = "similarity"  # the registration prior's transform: "similarity" | "affine"
     threads: int | None = None  # torch intra-op threads in each worker (None: leave as is)
 
 
@@ -244,7 +245,8 @@ def get_segmenter(spec: ReferenceSpec, engine: EngineSpec):
 
     model, cache = _model(engine)
     seg = Segmenter(model, cache=cache, config=SegmenterConfig(cleanup=engine.cleanup,
-                                                                localisation=engine.localisation))
+                                                                localisation=engine.localisation,
+                                                                registration_transform=engine.registration))
     ref = load_reference(spec)
     for name, ann in ref.structures:
         seg.add_reference(ref.volume, ref.index, ann, name=name, axis=ref.axis, preset=spec.preset)
@@ -507,7 +509,7 @@ def run_cohort(spec: ReferenceSpec, engine: EngineSpec, targets: Sequence[Target
     spec, ref = resolve_spec(spec)
     out = check_writable(out_dir)
     key = [dataclasses.asdict(spec), engine.backbone, engine.checkpoint, engine.model, engine.cleanup,
-           engine.localisation, fmt]
+           engine.localisation, engine.registration, fmt]
     run_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     header = {"generator": f"vrpsam-med {__version__}", "run_key": run_key, "reference": dataclasses.asdict(spec),
               "structures": [n for n, _ in ref.structures],

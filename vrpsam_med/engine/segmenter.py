@@ -13,9 +13,10 @@ How a structure is found in a volume:
    (point, scribble). In any other volume the structure is *localised*. With
    ``localisation="registration"`` (the default: better on every CHAOS organ, docs/benchmarks.md)
    the structure is first segmented through the reference's own volume (once), the reference
-   volume is registered to the target (affine, SimpleITK), and the warped structure's largest slice
-   seeds; if that seed does not look like the reference, the warped box is swept along the slice
-   axis (registration between different fields of view is mostly off along the body axis). With
+   volume is registered to the target (similarity transform by default, SimpleITK), and the warped
+   structure's largest slice seeds; if that seed does not look like the reference, the warped box is
+   swept along the slice axis (registration between different fields of view is mostly off along the
+   body axis). With
    ``localisation="scan"`` VRP-SAM is run on every ``scan_stride``-th slice, then on the neighbours of
    the best hit; the most confident slice seeds.
 2. **Propagation.** From each seed outward in both directions, slice by slice: the neighbour's mask
@@ -83,11 +84,17 @@ class SegmenterConfig:
     stop_rule_other_volumes: bool = True  # also in volumes without a reference (fitted on same-volume slices)
     stop_after_absent: int = 2  # consecutive absent slices that end propagation in one direction
     box_margin: float = 0.03  # neighbour's box grows by this share of its size (min 2 px) per side; tuned on train
-    localisation: str = "registration"  # other volumes: "registration" (affine prior) | "scan" (VRP at a stride)
+    localisation: str = "registration"  # other volumes: "registration" (3D registration prior) | "scan" (VRP scan)
     # same, after a localised (not annotated) seed. "model": the model's own setting (engine/model_settings.py,
     # e.g. 0.1 for a decoder fine-tuned on loose boxes), else 0.03 (0.1 tied on train with LiteMedSAM's decoder)
     localised_box_margin: float | str = "model"
-    registration_transform: str = "affine"  # other volumes: the 3D registration prior's transform (or "similarity")
+    # same, at least this many mm per side (0: 2 px): 3 % of a kidney's box is too little room to grow into from
+    # a seed near its pole, while a wider share lets the liver's box drift (train pairs: docs/vrp.md)
+    localised_box_min_mm: float = 6.0
+    # other volumes: the 3D registration prior's transform, "similarity" (7 parameters) or "affine" (12); similarity
+    # placed kidneys better on train pairs and is about twice as fast (docs/vrp.md, "The registration prior's
+    # transform")
+    registration_transform: str = "similarity"
     slab_max_slices: int = 16  # other volumes with at most this many slices: in-plane registration (see _warp_atlas)
     seed_prototype: bool = False  # other volumes: the seed's own look also counts when propagating (unproven)
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
@@ -217,6 +224,9 @@ class Segmenter:
         if self.config.registration_transform not in TRANSFORMS:
             raise SegmenterError(f"registration_transform: expected one of {', '.join(TRANSFORMS)}; "
                                  f"got {self.config.registration_transform!r}")
+        mm = self.config.localised_box_min_mm
+        if isinstance(mm, bool) or not isinstance(mm, (int, float)) or not mm >= 0:
+            raise SegmenterError(f"localised_box_min_mm: expected a number of mm >= 0, got {mm!r}")
         self._structures: dict[str, _Structure] = {}
         self._transforms: dict[tuple, object] = {} if registrations is None else registrations
         self._intensities: tuple[tuple, np.ndarray] | None = None  # (volume digest, preset) -> model intensities
@@ -376,12 +386,14 @@ class Segmenter:
             logits, iou = self.backbone.segment_boxes(emb, boxes, geom)
         return (logits > 0).cpu().numpy(), iou.cpu().numpy()
 
-    def _grow(self, box: np.ndarray, shape: tuple[int, int], margin: float | None = None) -> np.ndarray:
+    def _grow(self, box: np.ndarray, shape: tuple[int, int], margin: float | None = None,
+              min_px: tuple[float, float] = (2.0, 2.0)) -> np.ndarray:
+        """``box`` grown by ``margin`` x its size per side, at least ``min_px`` (x, y) pixels."""
         h, w = shape
         x0, y0, x1, y1 = box
         margin = self.config.box_margin if margin is None else margin
-        mx = max(2.0, margin * (x1 - x0 + 1))
-        my = max(2.0, margin * (y1 - y0 + 1))
+        mx = max(min_px[0], margin * (x1 - x0 + 1))
+        my = max(min_px[1], margin * (y1 - y0 + 1))
         return np.array([max(0, x0 - mx), max(0, y0 - my), min(w - 1, x1 + mx), min(h - 1, y1 + my)])
 
     def _slice_image(self, volume: Volume, k: int, ax: int, preset: str | None) -> np.ndarray:
@@ -398,7 +410,8 @@ class Segmenter:
         return self._slice_image(volume, k, ax, preset) if st.ring and self.config.ring_adaptive_wall else None
 
     def _decode_like(self, st: _Structure, emb: torch.Tensor, prev: np.ndarray, shape: tuple[int, int],
-                     margin: float | None = None, image: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+                     margin: float | None = None, image: np.ndarray | None = None,
+                     min_px: tuple[float, float] = (2.0, 2.0)) -> tuple[np.ndarray, float]:
         """Slice mask from a neighbouring / prior mask ``prev`` (H, W): (mask, SAM's IoU estimate).
 
         A box prompt fills whatever it surrounds, so a ring (``st.ring`` and ``prev`` encloses a hole,
@@ -410,9 +423,10 @@ class Segmenter:
         """
         hole = _hole(prev, self.config.ring_min_hole, hull=True) if st.ring and prev.any() else None
         if hole is None or not hole.any():
-            masks, iou = self._box_decode(emb, self._grow(mask_box(prev), shape, margin)[None], shape)
+            masks, iou = self._box_decode(emb, self._grow(mask_box(prev), shape, margin, min_px)[None], shape)
             return masks[0], float(iou[0])
-        boxes = np.stack([self._grow(mask_box(prev), shape, margin), self._grow(mask_box(hole), shape, margin)])
+        boxes = np.stack([self._grow(mask_box(prev), shape, margin, min_px),
+                          self._grow(mask_box(hole), shape, margin, min_px)])
         (outer, inner), iou = self._box_decode(emb, boxes, shape)
         if not inner.any():
             return inner, 0.0
@@ -540,6 +554,7 @@ class Segmenter:
                 st = replace(st, prototypes=st.prototypes + seed_protos)
         # a localised seed may be off; a wider box lets propagation recover the structure's extent
         margin = cfg.box_margin if same else self.localised_box_margin
+        min_px = (2.0, 2.0) if same else _min_px(volume, ax, cfg.localised_box_min_mm)
         # 2. propagation, outward from every seed
         for k0, _ in seeds:
             for step in (-1, 1):
@@ -554,7 +569,8 @@ class Segmenter:
                         vrp([k])
                     prior = get_slice(prior3d, k, ax) if prior3d is not None else None
                     mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset,
-                                                     margin, prior, rule=bool(same) or cfg.stop_rule_other_volumes)
+                                                     margin, prior, rule=bool(same) or cfg.stop_rule_other_volumes,
+                                                     min_px=min_px)
                     conf[k] = pk
                     if progress:
                         progress(int(np.isfinite(conf).sum()), n, "slices")
@@ -580,7 +596,7 @@ class Segmenter:
     def _propagate_one(self, st: _Structure, volume: Volume, k: int, prev: np.ndarray,
                        vrp_out: tuple[np.ndarray, float, float, float] | None, shape: tuple[int, int], ax: int,
                        preset: str | None, margin: float | None = None, prior: np.ndarray | None = None,
-                       rule: bool = True) -> tuple[np.ndarray, float, bool]:
+                       rule: bool = True, min_px: tuple[float, float] = (2.0, 2.0)) -> tuple[np.ndarray, float, bool]:
         """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
 
         Confidence = SAM's predicted IoU x how clearly the mask looks like the reference's foreground
@@ -594,9 +610,9 @@ class Segmenter:
         if not prev.any():
             candidates = [(vrp_out[0], vrp_out[2])]
         else:
-            candidates = [self._decode_like(st, emb, prev, shape, margin, image)]
+            candidates = [self._decode_like(st, emb, prev, shape, margin, image, min_px)]
         if prior is not None and prior.any():
-            candidates.append(self._decode_like(st, emb, prior, shape, margin, image))
+            candidates.append(self._decode_like(st, emb, prior, shape, margin, image, min_px))
         best = None
         for mask, iou in candidates:
             looks, similarity_margin = self._looks_like(st, emb[0], mask)
@@ -668,8 +684,8 @@ class Segmenter:
                     ) -> np.ndarray:
         """``atlas`` (a bool volume on ``ref_vol``'s grid) warped onto ``volume`` (bool, its grid).
 
-        3D affine registration, except for few-slice stacks (cine MR short axis: 6-10 thick slices,
-        often with a lost slice spacing), where an affine along the slice axis cannot be fitted: those
+        3D registration (``registration_transform``), except for few-slice stacks (cine MR short axis: 6-10
+        thick slices, often with a lost slice spacing), where a transform along the slice axis cannot be fitted: those
         are registered in-plane (in any of the 8 orientations) and matched slice to slice by relative
         position along the stack (ACDC train pairs: docs/vrp.md).
         """
@@ -744,6 +760,12 @@ class Segmenter:
             sizes = ndimage.sum(closed, lab, range(1, num + 1))
             keep = {int(np.argmax(sizes)) + 1}
         return np.isin(lab, sorted(keep))
+
+
+def _min_px(volume: Volume, ax: int, mm: float) -> tuple[float, float]:
+    """(x, y) pixels of a slice along ``ax`` that ``mm`` spans, at least 2."""
+    cols, rows = (volume.spacing[i] for i in range(3) if i != ax)  # slice_shape: rows = 2nd, cols = 1st axis
+    return max(2.0, mm / cols), max(2.0, mm / rows)
 
 
 def _hole(mask: np.ndarray, min_share: float, hull: bool = False) -> np.ndarray:
