@@ -16,9 +16,8 @@ How a structure is found in a volume:
    volume is registered to the target (similarity transform by default, SimpleITK), and the warped
    structure's largest slice seeds; if that seed does not look like the reference, the warped box is
    swept along the slice axis (registration between different fields of view is mostly off along the
-   body axis). With
-   ``localisation="scan"`` VRP-SAM is run on every ``scan_stride``-th slice, then on the neighbours of
-   the best hit; the most confident slice seeds.
+   body axis). With ``localisation="scan"`` VRP-SAM is run on every ``scan_stride``-th slice, then on
+   the neighbours of the best hit; the most confident slice seeds.
 2. **Propagation.** From each seed outward in both directions, slice by slice: the neighbour's mask
    gives a box prompt (LiteMedSAM's strongest prompt); the slice is "present" while the mask's
    embedding prototype looks like the reference's foreground and not like its background (cosine
@@ -63,6 +62,7 @@ log = logging.getLogger(__name__)
 
 
 STOP_PROBABILITY = 0.5
+MIN_MARGIN_PX = (2.0, 2.0)  # a grown box's margin is at least this many (x, y) pixels per side
 
 
 class SegmenterError(UsageError):
@@ -387,7 +387,7 @@ class Segmenter:
         return (logits > 0).cpu().numpy(), iou.cpu().numpy()
 
     def _grow(self, box: np.ndarray, shape: tuple[int, int], margin: float | None = None,
-              min_px: tuple[float, float] = (2.0, 2.0)) -> np.ndarray:
+              min_px: tuple[float, float] = MIN_MARGIN_PX) -> np.ndarray:
         """``box`` grown by ``margin`` x its size per side, at least ``min_px`` (x, y) pixels."""
         h, w = shape
         x0, y0, x1, y1 = box
@@ -411,7 +411,7 @@ class Segmenter:
 
     def _decode_like(self, st: _Structure, emb: torch.Tensor, prev: np.ndarray, shape: tuple[int, int],
                      margin: float | None = None, image: np.ndarray | None = None,
-                     min_px: tuple[float, float] = (2.0, 2.0)) -> tuple[np.ndarray, float]:
+                     min_px: tuple[float, float] = MIN_MARGIN_PX) -> tuple[np.ndarray, float]:
         """Slice mask from a neighbouring / prior mask ``prev`` (H, W): (mask, SAM's IoU estimate).
 
         A box prompt fills whatever it surrounds, so a ring (``st.ring`` and ``prev`` encloses a hole,
@@ -554,7 +554,7 @@ class Segmenter:
                 st = replace(st, prototypes=st.prototypes + seed_protos)
         # a localised seed may be off; a wider box lets propagation recover the structure's extent
         margin = cfg.box_margin if same else self.localised_box_margin
-        min_px = (2.0, 2.0) if same else _min_px(volume, ax, cfg.localised_box_min_mm)
+        min_px = MIN_MARGIN_PX if same else _min_px(volume, ax, cfg.localised_box_min_mm)
         # 2. propagation, outward from every seed
         for k0, _ in seeds:
             for step in (-1, 1):
@@ -596,7 +596,8 @@ class Segmenter:
     def _propagate_one(self, st: _Structure, volume: Volume, k: int, prev: np.ndarray,
                        vrp_out: tuple[np.ndarray, float, float, float] | None, shape: tuple[int, int], ax: int,
                        preset: str | None, margin: float | None = None, prior: np.ndarray | None = None,
-                       rule: bool = True, min_px: tuple[float, float] = (2.0, 2.0)) -> tuple[np.ndarray, float, bool]:
+                       rule: bool = True, min_px: tuple[float, float] = MIN_MARGIN_PX
+                       ) -> tuple[np.ndarray, float, bool]:
         """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
 
         Confidence = SAM's predicted IoU x how clearly the mask looks like the reference's foreground
@@ -684,10 +685,10 @@ class Segmenter:
                     ) -> np.ndarray:
         """``atlas`` (a bool volume on ``ref_vol``'s grid) warped onto ``volume`` (bool, its grid).
 
-        3D registration (``registration_transform``), except for few-slice stacks (cine MR short axis: 6-10
-        thick slices, often with a lost slice spacing), where a transform along the slice axis cannot be fitted: those
-        are registered in-plane (in any of the 8 orientations) and matched slice to slice by relative
-        position along the stack (ACDC train pairs: docs/vrp.md).
+        3D registration (``registration_transform``), except for few-slice stacks (cine MR short axis:
+        6-10 thick slices, often with a lost slice spacing), where a transform along the slice axis cannot
+        be fitted: those are registered in-plane (in any of the 8 orientations) and matched slice to slice
+        by relative position along the stack (ACDC train pairs: docs/vrp.md).
         """
         from vrpsam_med.engine.registration import (
             propagate_labels,
@@ -763,9 +764,9 @@ class Segmenter:
 
 
 def _min_px(volume: Volume, ax: int, mm: float) -> tuple[float, float]:
-    """(x, y) pixels of a slice along ``ax`` that ``mm`` spans, at least 2."""
+    """(x, y) pixels of a slice along ``ax`` that ``mm`` spans, at least :data:`MIN_MARGIN_PX`."""
     cols, rows = (volume.spacing[i] for i in range(3) if i != ax)  # slice_shape: rows = 2nd, cols = 1st axis
-    return max(2.0, mm / cols), max(2.0, mm / rows)
+    return max(MIN_MARGIN_PX[0], mm / cols), max(MIN_MARGIN_PX[1], mm / rows)
 
 
 def _hole(mask: np.ndarray, min_share: float, hull: bool = False) -> np.ndarray:
