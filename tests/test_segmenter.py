@@ -244,10 +244,13 @@ def test_sweep_finds_the_structure_along_the_axis(model_and_cache):
     seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
     st = seg._structures["ball"]
     found = seg._sweep(st, vol, get_slice(lab, 6) == 1, get_slice(lab, 6).shape, 2, None, None)
-    assert found is not None and 3 <= found[0] <= 10
-    assert dice_3d(found[1], get_slice(lab, found[0]) == 1) > 0.7
+    assert len(found) == 1 and 3 <= found[0][0] <= 10
+    assert dice_3d(found[0][1], get_slice(lab, found[0][0]) == 1) > 0.7
+    ranked = seg._sweep(st, vol, get_slice(lab, 6) == 1, get_slice(lab, 6).shape, 2, None, None, count=3)
+    assert ranked[0][0] == found[0][0] and len({j for j, _ in ranked}) == len(ranked)
+    assert all(3 <= j <= 10 for j, _ in ranked)  # only slices whose mask looks like the ball
     empty = Volume(np.random.default_rng(1).normal(25, 4, vol.shape).astype(np.float32), vol.affine, modality="MR")
-    assert seg._sweep(st, empty, get_slice(lab, 6) == 1, get_slice(lab, 6).shape, 2, None, None) is None
+    assert seg._sweep(st, empty, get_slice(lab, 6) == 1, get_slice(lab, 6).shape, 2, None, None) == []
 
 
 def test_shift_moves_without_wrapping():
@@ -360,6 +363,62 @@ def test_registration_transform_setting_reaches_the_3d_registration(model_and_ca
     assert kinds == ["affine", "similarity"]  # 24 slices: a 3D registration, one per setting
     with pytest.raises(SegmenterError, match="registration_transform: expected one of affine, similarity; got 'rigid'"):
         make(model_and_cache, registration_transform="rigid")
+
+
+def test_seed_search_sweeps_even_when_the_prior_slice_looks_right(model_and_cache, monkeypatch):
+    """"sweep": the prior's largest slice is only one candidate; "prior": it seeds whenever it passes the check."""
+    sweeps: list[int | None] = []
+    real = Segmenter._sweep
+    monkeypatch.setattr(Segmenter, "_sweep", lambda self, *a, first=None, **k:
+                        sweeps.append(first) or real(self, *a, first=first, **k))
+    vol, lab = phantom(n=24)
+    other, olab = phantom(shift=4, n=24)
+    found = {}
+    for mode in ("prior", "sweep"):
+        seg = make(model_and_cache, seed_search=mode)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        res = seg.segment(other)
+        assert dice_3d(res.labels == 1, olab == 1) > 0.5
+        found[mode] = (list(sweeps), res.structures["ball"].seeds)
+        sweeps.clear()
+    assert found["prior"][0] == []  # the prior's slice passed the check: no sweep
+    (first,), seeds = found["sweep"]
+    assert first is not None and len(seeds) == 1 and 3 <= seeds[0] <= 10  # swept, the prior's slice scored too
+    with pytest.raises(SegmenterError, match="seed_search: expected sweep or prior; got 'best'"):
+        make(model_and_cache, seed_search="best")
+    for bad in (-0.1, 1.5, "half", float("nan")):
+        with pytest.raises(SegmenterError, match="min_volume_ratio: expected a share between 0 and 1"):
+            make(model_and_cache, min_volume_ratio=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(SegmenterError, match="seed_retries: expected a whole number >= 0"):
+            make(model_and_cache, seed_retries=bad)
+
+
+def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_and_cache, monkeypatch):
+    """The sweep's best slice is a look-alike (here: a small patch far from the ball); its propagated
+    structure is far smaller than the reference's, so the next candidate seeds instead."""
+    vol, lab = phantom(n=24)
+    other, olab = phantom(shift=4, n=24)
+    decoy = np.zeros(get_slice(olab, 0).shape, bool)
+    decoy[10:14, 10:14] = True
+    real = Segmenter._sweep
+    monkeypatch.setattr(Segmenter, "_sweep", lambda self, *a, count=1, **k:
+                        [(20, decoy)] + real(self, *a, count=count, **k)[: count - 1])
+    scans = []
+    real_scan = Segmenter._localise
+    monkeypatch.setattr(Segmenter, "_localise", lambda self, *a: scans.append(1) or real_scan(self, *a))
+    results = {}
+    for ratio, retries in ((0.0, 2), (0.25, 2), (0.25, 0)):
+        seg = make(model_and_cache, min_volume_ratio=ratio, seed_retries=retries)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        res = seg.segment(other)
+        results[ratio, retries] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1), len(scans))
+        scans.clear()
+    assert results[0.0, 2][0] == [20] and results[0.0, 2][1] < 0.1  # the look-alike kept: nothing of the ball
+    seeds, found, scanned = results[0.25, 2]  # the sweep's next slice seeds
+    assert seeds != [20] and 3 <= seeds[0] <= 10 and found > 0.5 and scanned == 0
+    seeds, found, scanned = results[0.25, 0]  # no other slice: VRP's scan, as the last try, finds the ball
+    assert seeds != [20] and found > 0.5 and scanned == 1
 
 
 def test_localised_box_floor_in_mm_applies_in_other_volumes_only(model_and_cache, monkeypatch):

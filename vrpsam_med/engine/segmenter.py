@@ -95,6 +95,17 @@ class SegmenterConfig:
     # placed kidneys better on train pairs and is about twice as fast (docs/vrp.md, "The registration prior's
     # transform")
     registration_transform: str = "similarity"
+    # other volumes: where the seed goes. "sweep": the slice along the axis where the prior's in-plane box segments
+    # something most like the reference (the prior's largest slice is one candidate); "prior": the prior's largest
+    # slice unless its mask fails the prototype check (then the sweep). A prior off along the axis by 70 mm still
+    # passed that check on train pairs (docs/vrp.md, "Seeds off along the axis")
+    seed_search: str = "sweep"
+    # other volumes, "sweep": when the structure propagated from the seed has less than this share of the
+    # reference structure's volume (mL), the sweep's next-best slice seeds instead (up to seed_retries more), then
+    # a VRP scan (as localisation="scan"); the largest result is kept when none reaches it. A seed on a
+    # look-alike dies out within a few slices.
+    min_volume_ratio: float = 0.25
+    seed_retries: int = 2
     slab_max_slices: int = 16  # other volumes with at most this many slices: in-plane registration (see _warp_atlas)
     seed_prototype: bool = False  # other volumes: the seed's own look also counts when propagating (unproven)
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
@@ -221,6 +232,13 @@ class Segmenter:
             raise SegmenterError(str(exc)) from None
         from vrpsam_med.engine.registration import TRANSFORMS
 
+        ratio, retries = self.config.min_volume_ratio, self.config.seed_retries
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise SegmenterError(f"min_volume_ratio: expected a share between 0 and 1; got {ratio!r}")
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise SegmenterError(f"seed_retries: expected a whole number >= 0; got {retries!r}")
+        if self.config.seed_search not in ("sweep", "prior"):
+            raise SegmenterError(f"seed_search: expected sweep or prior; got {self.config.seed_search!r}")
         if self.config.registration_transform not in TRANSFORMS:
             raise SegmenterError(f"registration_transform: expected one of {', '.join(TRANSFORMS)}; "
                                  f"got {self.config.registration_transform!r}")
@@ -502,8 +520,6 @@ class Segmenter:
         n = volume.shape[ax]
         shape = slice_shape(volume.shape, ax)
         refs = [r[0] for r in st.references]
-        conf = np.full(n, np.nan, np.float32)
-        masks: dict[int, np.ndarray] = {}
         vrp_cache: dict[int, tuple[np.ndarray, float, float, float]] = {}  # mask, presence, IoU, seed score
 
         def stop() -> None:
@@ -522,45 +538,83 @@ class Segmenter:
                     looks, margin = self._looks_like(st, e, mk)
                     vrp_cache[k] = (mk, float(pk), float(qk), max(float(qk), 0.0) * margin if looks else -1.0)
                 if progress:
-                    progress(int(np.isfinite(conf).sum()) + len(vrp_cache), n, "slices")
+                    progress(min(len(vrp_cache), n), n, "slices")
 
-        # 1. seeds
-        prior3d: np.ndarray | None = None  # registration prior: the reference's structure warped onto volume
+        # 1. seeds: one set in the reference's own volume; ranked candidates in other volumes
         same = [(k, seed) for (_, v, k, seed) in st.references if v is volume or v.digest() == volume.digest()]
+        attempts: list[tuple[list[tuple[int, np.ndarray]], np.ndarray | None]] | None = None
         if same:
-            seeds = same
-            for k, seed in seeds:
-                masks[k] = seed
+            attempts = [(same, None)]
+        elif cfg.localisation == "registration":
+            attempts = self._localise_registration(st, volume, shape, ax, preset, should_stop)
+        elif cfg.localisation != "scan":
+            raise SegmenterError(f"unknown localisation {cfg.localisation!r}; use scan or registration")
+        # every slice where a registration prior's box looked right may still lead nowhere when the prior is
+        # off in-plane too: then the last try is VRP's own scan, which needs no prior (not for an empty prior)
+        scan_last = not same and bool(attempts) and cfg.seed_search == "sweep" and any(seeds for seeds, _ in attempts)
+        if attempts is None:
+            attempts = [(self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset), None)]
+        expected_ml = None
+        if not same and st.atlas is not None:
+            expected_ml = float(st.atlas.sum() * np.prod(st.references[0][1].spacing) / 1000.0)
+        best = None
+        looked = np.zeros(n, bool)
+        i = 0
+        while i < len(attempts):
+            seeds, prior3d = attempts[i]
+            i += 1
+            masks, conf = self._propagate(st, volume, seeds, prior3d, bool(same), vrp, vrp_cache, shape, ax,
+                                          preset, progress, stop)
+            looked |= np.isfinite(conf)
+            mask3d = self._assemble(masks, seeds, volume.shape, ax)
+            ml = float(mask3d.sum() * np.prod(volume.spacing) / 1000.0)
+            if best is None or ml > best[0]:
+                best = (ml, seeds, conf, mask3d)
+            if expected_ml is None or ml >= cfg.min_volume_ratio * expected_ml:
+                best = (ml, seeds, conf, mask3d)
+                break
+            log.info("%s: %s from slice %s has %.1f mL of the reference's %.1f; trying the next seed",
+                     volume.name, st.name, [k for k, _ in seeds], ml, expected_ml)
+            if i == len(attempts) and scan_last:
+                scan_last = False
+                attempts.append((self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset), None))
+        _, seeds, conf, mask3d = best if best is not None else (0.0, [], np.full(n, np.nan, np.float32),
+                                                                 np.zeros(volume.shape, bool))
+        present = mask3d.any(axis=tuple(a for a in range(3) if a != ax))
+        return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], int(looked.sum())), mask3d
+
+    def _propagate(self, st: _Structure, volume: Volume, seeds: list[tuple[int, np.ndarray]],
+                   prior3d: np.ndarray | None, same: bool, vrp, vrp_cache, shape: tuple[int, int], ax: int,
+                   preset: str | None, progress: Progress | None, stop: Callable[[], None]
+                   ) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Masks propagated outward from every seed: ({slice: mask}, per-slice confidence, NaN = not visited)."""
+        cfg, n = self.config, volume.shape[ax]
+        conf = np.full(n, np.nan, np.float32)
+        masks: dict[int, np.ndarray] = {}
+        seed_protos = []
+        for k, seed in seeds:
+            masks[k] = seed
+            if same:
                 conf[k] = 1.0
-        else:
-            seeds = None
-            if cfg.localisation == "registration":
-                seeds, prior3d = self._localise_registration(st, volume, shape, ax, preset, should_stop)
-            elif cfg.localisation != "scan":
-                raise SegmenterError(f"unknown localisation {cfg.localisation!r}; use scan or registration")
-            if seeds is None:
-                seeds = self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset)
-            seed_protos = []
-            for k, seed in seeds:
-                masks[k] = seed
-                emb = self.cache.get(volume, [k], ax, preset)[0]
-                conf[k] = float(np.clip(self._looks_like(st, emb, seed)[1] / 0.3, 0, 1))
-                if seed.any():
-                    seed_protos.append(self._prototypes(emb, seed))
-            if cfg.seed_prototype and seed_protos:
-                # The seed passed the check against the reference; from here on the structure is also
-                # compared with how it looks in this patient, as in same-volume propagation (a reference
-                # from another patient looks less alike slice after slice and stopped it early).
-                st = replace(st, prototypes=st.prototypes + seed_protos)
+                continue
+            emb = self.cache.get(volume, [k], ax, preset)[0]
+            conf[k] = float(np.clip(self._looks_like(st, emb, seed)[1] / 0.3, 0, 1))
+            if seed.any():
+                seed_protos.append(self._prototypes(emb, seed))
+        if cfg.seed_prototype and seed_protos:
+            # The seed passed the check against the reference; from here on the structure is also
+            # compared with how it looks in this patient, as in same-volume propagation (a reference
+            # from another patient looks less alike slice after slice and stopped it early).
+            st = replace(st, prototypes=st.prototypes + seed_protos)
         # a localised seed may be off; a wider box lets propagation recover the structure's extent
         margin = cfg.box_margin if same else self.localised_box_margin
         min_px = MIN_MARGIN_PX if same else _min_px(volume, ax, cfg.localised_box_min_mm)
-        # 2. propagation, outward from every seed
+        seed_slices = [s for s, _ in seeds]
         for k0, _ in seeds:
             for step in (-1, 1):
                 prev, absent, k = masks[k0], 0, k0 + step
                 while 0 <= k < n and absent < cfg.stop_after_absent:
-                    if k in masks and k not in [s for s, _ in seeds]:
+                    if k in masks and k not in seed_slices:
                         break  # met another seed's propagation
                     if k in masks:
                         prev, k = masks[k], k + step
@@ -569,7 +623,7 @@ class Segmenter:
                         vrp([k])
                     prior = get_slice(prior3d, k, ax) if prior3d is not None else None
                     mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset,
-                                                     margin, prior, rule=bool(same) or cfg.stop_rule_other_volumes,
+                                                     margin, prior, rule=same or cfg.stop_rule_other_volumes,
                                                      min_px=min_px)
                     conf[k] = pk
                     if progress:
@@ -580,18 +634,20 @@ class Segmenter:
                     else:
                         absent += 1
                     k += step
-        present = np.zeros(n, bool)
-        mask3d = np.zeros(volume.shape, bool)
+        return masks, conf
+
+    def _assemble(self, masks: dict[int, np.ndarray], seeds: list[tuple[int, np.ndarray]],
+                  shape: tuple[int, int, int], ax: int) -> np.ndarray:
+        """The slice masks as one bool volume, cleaned up in 3D when ``cleanup`` is on."""
+        mask3d = np.zeros(shape, bool)
         for k, m in masks.items():
             if m.any():
                 set_slice(mask3d, k, m, ax)
-        if cfg.cleanup and mask3d.any():
+        if self.config.cleanup and mask3d.any():
             mask3d = self._cleanup(mask3d, [k for k, _ in seeds], ax)
             for k, seed in seeds:  # the reference slices stay exactly as annotated / seeded
                 set_slice(mask3d, k, seed, ax)
-        present[:] = mask3d.any(axis=tuple(a for a in range(3) if a != ax))
-        visited = int(np.isfinite(conf).sum())
-        return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], visited), mask3d
+        return mask3d
 
     def _propagate_one(self, st: _Structure, volume: Volume, k: int, prev: np.ndarray,
                        vrp_out: tuple[np.ndarray, float, float, float] | None, shape: tuple[int, int], ax: int,
@@ -644,15 +700,16 @@ class Segmenter:
 
     def _localise_registration(self, st: _Structure, volume: Volume, shape, ax, preset,
                                should_stop: Callable[[], bool] | None = None
-                               ) -> tuple[list[tuple[int, np.ndarray]] | None, np.ndarray | None]:
+                               ) -> list[tuple[list[tuple[int, np.ndarray]], np.ndarray | None]] | None:
         """Registration prior: the structure segmented in the first reference's own volume (propagated
-        from the reference slices, once per structure) is warped onto ``volume``; its largest slice seeds.
+        from the reference slices, once per structure) is warped onto ``volume``; seeds from it.
 
-        Warping the whole segmented structure, not only the annotated slice, puts the seed where the
-        structure is largest in the target, and gives propagation a second box per slice; a seed that
-        does not look like the reference starts a sweep along the axis (train pairs: docs/vrp.md).
-        Returns (seeds, warped prior); (None, None) when the registration itself fails (the caller
-        then scans).
+        Warping the whole segmented structure, not only the annotated slice, gives the prior's in-plane
+        box and a second box per slice for propagation. Its largest slice may be off along the axis
+        (another field of view or body length), so the box is swept along the axis (``seed_search``)
+        and the best-looking slices seed, in order; the prior moves with each (train pairs: docs/vrp.md).
+        Returns the candidate (seeds, warped prior) in order of preference; ``[([], None)]`` when the
+        prior is empty; None when the registration fails or nothing looks right (the caller then scans).
         """
         _, ref_vol, _, _ = st.references[0]
         if st.atlas is None:
@@ -662,24 +719,22 @@ class Segmenter:
         except RuntimeError as exc:  # SimpleITK could not register (e.g. a few-slice scan): no prior
             log.warning("%s: registration failed (%s); localising by scanning instead", volume.name,
                         str(exc).strip().splitlines()[-1][:200])
-            return None, None
+            return None
         areas = warped.sum(axis=tuple(a for a in range(3) if a != ax))
         if areas.max() == 0:
-            return [], None
+            return [([], None)]
         k = int(np.argmax(areas))
         prior = get_slice(warped, k, ax)
-        emb = self.cache.get(volume, [k], ax, preset)
-        mask = self._decode_like(st, emb, prior, shape, image=self._ring_image(st, volume, k, ax, preset))[0]
-        if mask.any() and self._looks_like(st, emb[0], mask)[0]:
-            return [(k, mask)], warped
-        # The warped structure's largest slice does not show the structure: registration is off,
-        # most often along the slice axis (another field of view). Sweep the prior's in-plane box along
-        # the axis and keep the best-looking slice; the prior moves with it.
-        best = self._sweep(st, volume, prior, shape, ax, preset, should_stop)
-        if best is None:
-            return None, None
-        j, mask = best
-        return [(j, mask)], _shift(warped, j - k, ax)
+        if self.config.seed_search == "prior":
+            emb = self.cache.get(volume, [k], ax, preset)
+            mask = self._decode_like(st, emb, prior, shape, image=self._ring_image(st, volume, k, ax, preset))[0]
+            if mask.any() and self._looks_like(st, emb[0], mask)[0]:
+                return [([(k, mask)], warped)]
+            found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, count=1)
+        else:
+            found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, first=k,
+                                count=1 + max(0, self.config.seed_retries))
+        return [([(j, mask)], _shift(warped, j - k, ax)) for j, mask in found] or None
 
     def _warp_atlas(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None
                     ) -> np.ndarray:
@@ -719,13 +774,17 @@ class Segmenter:
         return warped
 
     def _sweep(self, st: _Structure, volume: Volume, prior: np.ndarray, shape, ax, preset,
-               should_stop: Callable[[], bool] | None) -> tuple[int, np.ndarray] | None:
-        """The slice where ``prior``'s box segments something most like the reference (None: nowhere).
+               should_stop: Callable[[], bool] | None, first: int | None = None, count: int = 1
+               ) -> list[tuple[int, np.ndarray]]:
+        """Up to ``count`` slices where ``prior``'s box segments something like the reference, best first.
 
-        Every ``scan_stride``-th slice, then the neighbours of the best; score = SAM's IoU estimate x the
-        prototype margin, as for scan localisation.
+        Slice ``first`` (if given) and every ``scan_stride``-th slice; the ``count`` best of those at
+        least ``scan_stride`` apart, each refined among its neighbours. Score = SAM's IoU estimate x the
+        prototype margin, as for scan localisation; slices whose mask fails the prototype check are
+        never returned.
         """
         cfg, n = self.config, volume.shape[ax]
+        stride = max(1, cfg.scan_stride)
         scores: dict[int, tuple[float, np.ndarray]] = {}
 
         def score(indices: Sequence[int]) -> None:
@@ -741,8 +800,21 @@ class Segmenter:
                     looks, margin = self._looks_like(st, e, mask)
                     scores[j] = (max(iou, 0.0) * margin if looks else -1.0, mask)
 
-        top = _coarse_to_fine(n, cfg.scan_stride, score, lambda: max(scores, key=lambda j: scores[j][0]))
-        return (top, scores[top][1]) if scores[top][0] > 0 else None
+        score(([first] if first is not None else []) + list(range(0, n, stride)))
+        hits: list[int] = []
+        for j in sorted(scores, key=lambda j: -scores[j][0]):
+            if scores[j][0] <= 0 or len(hits) == count:
+                break
+            if all(abs(j - h) >= stride for h in hits):
+                hits.append(j)
+        found: list[int] = []
+        for h in hits:
+            near = [j for j in range(h - stride + 1, h + stride) if 0 <= j < n]
+            score(near)
+            top = max((j for j in near if j not in found), key=lambda j: scores[j][0])
+            if scores[top][0] > 0 and top not in found:
+                found.append(top)
+        return [(j, scores[j][1]) for j in found]
 
     @staticmethod
     def _cleanup(mask3d: np.ndarray, seeds: Sequence[int], ax: int) -> np.ndarray:
