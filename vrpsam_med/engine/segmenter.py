@@ -551,18 +551,22 @@ class Segmenter:
             raise SegmenterError(f"unknown localisation {cfg.localisation!r}; use scan or registration")
         # every slice where a registration prior's box looked right may still lead nowhere when the prior is
         # off in-plane too: then the last try is VRP's own scan, which needs no prior (not for an empty prior)
-        scan_last = not same and bool(attempts) and cfg.seed_search == "sweep" and any(seeds for seeds, _ in attempts)
+        scan_last = (not same and attempts is not None and cfg.seed_search == "sweep"
+                     and any(seeds for seeds, _ in attempts))
         if attempts is None:
             attempts = [(self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset), None)]
+
+        def tries():
+            yield from attempts
+            if scan_last:
+                yield self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset), None
+
         expected_ml = None
         if not same and st.atlas is not None:
             expected_ml = float(st.atlas.sum() * np.prod(st.references[0][1].spacing) / 1000.0)
-        best = None
+        best = None  # (mL, seeds, confidence, mask3d) of the largest result so far
         looked = np.zeros(n, bool)
-        i = 0
-        while i < len(attempts):
-            seeds, prior3d = attempts[i]
-            i += 1
+        for seeds, prior3d in tries():
             masks, conf = self._propagate(st, volume, seeds, prior3d, bool(same), vrp, vrp_cache, shape, ax,
                                           preset, progress, stop)
             looked |= np.isfinite(conf)
@@ -571,15 +575,10 @@ class Segmenter:
             if best is None or ml > best[0]:
                 best = (ml, seeds, conf, mask3d)
             if expected_ml is None or ml >= cfg.min_volume_ratio * expected_ml:
-                best = (ml, seeds, conf, mask3d)
                 break
             log.info("%s: %s from slice %s has %.1f mL of the reference's %.1f; trying the next seed",
                      volume.name, st.name, [k for k, _ in seeds], ml, expected_ml)
-            if i == len(attempts) and scan_last:
-                scan_last = False
-                attempts.append((self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset), None))
-        _, seeds, conf, mask3d = best if best is not None else (0.0, [], np.full(n, np.nan, np.float32),
-                                                                 np.zeros(volume.shape, bool))
+        _, seeds, conf, mask3d = best
         present = mask3d.any(axis=tuple(a for a in range(3) if a != ax))
         return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], int(looked.sum())), mask3d
 
@@ -733,7 +732,7 @@ class Segmenter:
             found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, count=1)
         else:
             found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, first=k,
-                                count=1 + max(0, self.config.seed_retries))
+                                count=1 + self.config.seed_retries)
         return [([(j, mask)], _shift(warped, j - k, ax)) for j, mask in found] or None
 
     def _warp_atlas(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None
@@ -812,7 +811,7 @@ class Segmenter:
             near = [j for j in range(h - stride + 1, h + stride) if 0 <= j < n]
             score(near)
             top = max((j for j in near if j not in found), key=lambda j: scores[j][0])
-            if scores[top][0] > 0 and top not in found:
+            if scores[top][0] > 0:
                 found.append(top)
         return [(j, scores[j][1]) for j in found]
 
