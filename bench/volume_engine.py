@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 from vrp_eval import DATA, SETS, save_results  # the same data root and structures as the other benchmarks
 
 from vrpsam_med.engine.reference import ReferencePredictor
@@ -37,15 +38,18 @@ def main() -> None:
     ap.add_argument("--localisation", default="registration", choices=["scan", "registration"])
     ap.add_argument("--max-cases", type=int, default=None, help="test cases per set (all pairs are run)")
     ap.add_argument("--acdc-max-cases", type=int, default=6, help="ACDC has 40+ test volumes: a subset")
+    ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                    help="a SegmenterConfig setting (YAML value), e.g. --engine vrp_refine=null; repeatable")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    overrides = {k: yaml.safe_load(v) for k, v in (e.split("=", 1) for e in args.engine)}
     if not DATA.is_dir():
         raise SystemExit(f"{DATA}: shared data not found")
     cache = EmbeddingCache(load_backbone(), progress=False)
     predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache)
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.sets.split(","):
-        key = f"{name}|{args.method}|{args.annotation}|{args.localisation}"
+        key = f"{name}|{args.method}|{args.annotation}|{args.localisation}" + "".join(f"|{e}" for e in args.engine)
         if key in results:
             continue
         n = args.acdc_max_cases if name == "acdc_cine_mr" else args.max_cases
@@ -53,7 +57,7 @@ def main() -> None:
                          max_cases=n)
         t = time.perf_counter()
         res = evaluate(MSDDataset.open(DATA / name), cfg, cache, predictor, progress=True,
-                       engine_config=SegmenterConfig(localisation=args.localisation))
+                       engine_config=SegmenterConfig(localisation=args.localisation, **overrides))
         results[key] = res.to_json()
         print(f"{key}: mean {res.mean_dice:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
         save_results(args.out, results)

@@ -71,14 +71,32 @@ def test_cache_encodes_each_slice_once_and_persists(backbone, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
-def test_bf16_masks_match_fp32(backbone):
+def test_bf16_masks_match_fp32():
     vol, labels = _phantom()
     fp32 = load_backbone("litemedsam", device="cpu", precision="fp32")
+    bf16 = load_backbone("litemedsam", device="cpu", precision="bf16")
     box = {1: np.array([16, 20, 44, 60])}
     a = box_segment(vol, box, EmbeddingCache(fp32, root=None, progress=False)).labels
-    b = box_segment(vol, box, EmbeddingCache(backbone, root=None, progress=False)).labels
+    b = box_segment(vol, box, EmbeddingCache(bf16, root=None, progress=False)).labels
     assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.98
-    assert fp32.id != backbone.id
+    assert fp32.id != bf16.id
+
+
+def test_auto_precision_uses_bf16_only_where_the_cpu_has_native_bf16(monkeypatch):
+    import vrpsam_med.models.backbones as bb
+
+    model = load_backbone("litemedsam", device="cpu")
+    monkeypatch.delenv("VRPSAM_CPU_BF16", raising=False)
+    monkeypatch.setattr(bb, "_cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
+    assert model.encoder_dtype_name == "fp32" and model.id.endswith("-fp32")
+    monkeypatch.setattr(bb, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert model.encoder_dtype_name == "bf16" and model.id.endswith("-bf16")
+    monkeypatch.setenv("VRPSAM_CPU_BF16", "0")
+    assert model.encoder_dtype_name == "fp32"
+    monkeypatch.setattr(bb, "_cpu_flags", lambda: frozenset())
+    monkeypatch.setenv("VRPSAM_CPU_BF16", "1")
+    assert model.encoder_dtype_name == "bf16"
+    assert load_backbone("litemedsam", device="cpu", precision="fp32").encoder_dtype_name == "fp32"
 
 
 def test_checkpoint_errors(tmp_path):

@@ -453,3 +453,53 @@ def test_stop_rule_decides_propagation_and_can_be_kept_to_the_reference_volume(m
         found = seg.segment(other).structures["ball"]
         assert bool(found.present.sum() > 1) is (not scope)
         monkeypatch.undo()
+
+
+def test_vrp_refine_trims_the_box_mask_to_its_overlap_with_vrp(model_and_cache, monkeypatch):
+    """The box-propagated mask is re-decoded from the box of its overlap with VRP's mask; no overlap
+    keeps it; a bad setting is a one-line error."""
+    seg = make(model_and_cache, vrp_refine="intersect", box_margin=0.0)
+    boxes = []
+
+    def fill(self, emb, b, shape):  # a decoder that fills its box exactly
+        boxes.append(np.asarray(b[0]).round().astype(int))
+        m = np.zeros((1, *shape), bool)
+        x0, y0, x1, y1 = boxes[-1]
+        m[0, y0:y1 + 1, x0:x1 + 1] = True
+        return m, np.array([0.9])
+    monkeypatch.setattr(Segmenter, "_box_decode", fill)
+    big = np.zeros((40, 40), bool)
+    big[5:35, 5:35] = True
+    small = np.zeros((40, 40), bool)
+    small[10:16, 20:30] = True
+    mask, iou = seg._refine_with_vrp(None, (big, 0.5), small, (40, 40), 0.0, (0.0, 0.0))
+    assert np.array_equal(mask, small) and iou == 0.9  # shrunk to the overlap's box
+    far = np.zeros((40, 40), bool)
+    far[0:3, 0:3] = True
+    assert seg._refine_with_vrp(None, (big & ~far, 0.5), far, (40, 40), 0.0, (0.0, 0.0))[0].sum() == (big & ~far).sum()
+    seg.config.vrp_refine = "union"
+    with pytest.raises(SegmenterError, match="vrp_refine: expected None or intersect"):
+        seg._refine_with_vrp(None, (big, 0.5), small, (40, 40), 0.0, (0.0, 0.0))
+
+
+def test_vrp_refine_only_for_structures_vrp_segments_well(model_and_cache, monkeypatch):
+    """The refinement is gated on VRP's own Dice on the reference slices, and changes the segmentation."""
+    vol, lab = phantom()
+    ref = get_slice(lab, 6) == 1
+    calls = []
+    real = Segmenter._refine_with_vrp
+    monkeypatch.setattr(Segmenter, "_refine_with_vrp", lambda self, *a: calls.append(1) or real(self, *a))
+    results = {}
+    for refine, min_dice in ((None, 0.8), ("intersect", 0.0), ("intersect", 1.01)):
+        seg = make(model_and_cache, vrp_refine=refine, vrp_refine_min_dice=min_dice)
+        seg.add_reference(vol, 6, Annotation.from_mask(ref), name="ball")
+        res = seg.segment(vol)
+        results[refine, min_dice] = (len(calls), dice_3d(res.labels == 1, lab == 1))
+        calls.clear()
+    assert results[None, 0.8][0] == 0 and results["intersect", 1.01][0] == 0  # off, or VRP not good enough
+    assert results["intersect", 0.0][0] >= 4  # every propagated slice
+    assert results["intersect", 0.0][1] > 0.7
+    st = seg._structures["ball"]
+    assert 0.0 <= st.vrp_self_dice <= 1.0
+    seg.add_reference(vol, 7, Annotation.from_mask(get_slice(lab, 7) == 1), name="ball")
+    assert st.vrp_self_dice is None  # a new reference is measured again

@@ -25,7 +25,10 @@ How a structure is found in a volume:
    from the slices past its end, see docs/benchmarks.md) and a small logistic rule fitted on ``train``
    slices says the mask stands out from the tissue just around it (past an organ's end SAM returns a
    blob of the surrounding tissue; docs/vrp.md). Propagation stops after
-   ``stop_after_absent`` absent slices, so cost follows the structure's extent. With a registration
+   ``stop_after_absent`` absent slices, so cost follows the structure's extent. For a structure whose
+   VRP mask on the reference slices is good (``vrp_refine_min_dice``), each box mask is re-decoded
+   from the box of its overlap with VRP's own mask, so the structure can shrink toward its end
+   (``vrp_refine``; docs/vrp.md). With a registration
    prior, the warped structure's box on the slice is a second candidate (the more confident mask
    wins). A *ring* (a reference enclosing a hole, e.g. the myocardium) is decoded as its hole plus
    a wall band, because a box prompt fills what it surrounds.
@@ -107,6 +110,10 @@ class SegmenterConfig:
     min_volume_ratio: float = 0.25
     seed_retries: int = 2
     slab_max_slices: int = 16  # other volumes with at most this many slices: in-plane registration (see _warp_atlas)
+    # propagation: the neighbour's box mask is re-decoded from the box of its overlap with VRP's own mask
+    # ("intersect"), so a structure can shrink toward its end; None: the box mask as is
+    vrp_refine: str | None = "intersect"
+    vrp_refine_min_dice: float = 0.8  # ... only for structures whose VRP mask on the reference slices is this good
     seed_prototype: bool = False  # other volumes: the seed's own look also counts when propagating (unproven)
     scan_stride: int = 4  # localisation in other volumes: every n-th slice first, then the best hit's neighbours
     refine_reference: bool = True  # point/scribble/box references: use the segmented reference slice as a mask
@@ -176,6 +183,7 @@ class _Structure:
     # unit-norm (foreground, background) masked-average embeddings (C,) of each reference's seed mask
     ring_thickness: list[float] = field(default_factory=list)  # wall thickness of each ring-shaped reference
     ring_intensity: list[WallIntensity] = field(default_factory=list)  # wall / cavity intensities of each
+    vrp_self_dice: float | None = None  # VRP's mask on the reference slices vs their seeds (mean Dice)
     atlas: np.ndarray | None = None  # the structure segmented in its first reference's volume (registration prior)
 
     @property
@@ -293,6 +301,7 @@ class Segmenter:
         st.references.append((ref, volume, int(index), seed))
         st.prototypes.append(self._prototypes(ref.embedding, seed))
         st.atlas = None  # a new reference changes the structure's own segmentation
+        st.vrp_self_dice = None
         hole = _hole(seed, self.config.ring_min_hole)
         if hole.any():  # a ring: remember its wall thickness (pixels), averaged over its references
             st.ring_thickness.append((seed & ~hole).sum() / max(_perimeter(hole), 1))
@@ -609,6 +618,7 @@ class Segmenter:
         margin = cfg.box_margin if same else self.localised_box_margin
         min_px = MIN_MARGIN_PX if same else _min_px(volume, ax, cfg.localised_box_min_mm)
         seed_slices = [s for s, _ in seeds]
+        refine = bool(cfg.vrp_refine) and self._vrp_reliable(st)
         for k0, _ in seeds:
             for step in (-1, 1):
                 prev, absent, k = masks[k0], 0, k0 + step
@@ -618,12 +628,12 @@ class Segmenter:
                     if k in masks:
                         prev, k = masks[k], k + step
                         continue
-                    if not prev.any():  # no neighbour mask to follow: VRP alone
+                    if not prev.any() or refine:  # VRP alone, or to refine the box
                         vrp([k])
                     prior = get_slice(prior3d, k, ax) if prior3d is not None else None
                     mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset,
                                                      margin, prior, rule=same or cfg.stop_rule_other_volumes,
-                                                     min_px=min_px)
+                                                     min_px=min_px, refine=refine)
                     conf[k] = pk
                     if progress:
                         progress(int(np.isfinite(conf).sum()), n, "slices")
@@ -651,7 +661,7 @@ class Segmenter:
     def _propagate_one(self, st: _Structure, volume: Volume, k: int, prev: np.ndarray,
                        vrp_out: tuple[np.ndarray, float, float, float] | None, shape: tuple[int, int], ax: int,
                        preset: str | None, margin: float | None = None, prior: np.ndarray | None = None,
-                       rule: bool = True, min_px: tuple[float, float] = MIN_MARGIN_PX
+                       rule: bool = True, min_px: tuple[float, float] = MIN_MARGIN_PX, refine: bool = False
                        ) -> tuple[np.ndarray, float, bool]:
         """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
 
@@ -667,6 +677,8 @@ class Segmenter:
             candidates = [(vrp_out[0], vrp_out[2])]
         else:
             candidates = [self._decode_like(st, emb, prev, shape, margin, image, min_px)]
+            if refine and vrp_out is not None:
+                candidates[0] = self._refine_with_vrp(emb, candidates[0], vrp_out[0], shape, margin, min_px)
         if prior is not None and prior.any():
             candidates.append(self._decode_like(st, emb, prior, shape, margin, image, min_px))
         best = None
@@ -681,6 +693,41 @@ class Segmenter:
         if ok and rule and self.stop_rule is not None and not st.ring:
             ok = self._slice_probability(st, emb[0], mask, iou, int(prev.sum())) >= cfg.stop_probability
         return mask, conf, ok
+
+    def _vrp_reliable(self, st: _Structure) -> bool:
+        """Does VRP's own mask on the reference slices match their seeds (Dice >= ``vrp_refine_min_dice``)?
+
+        VRP-SAM's mask is good for some structures and poor for others (CHAOS train, reference slice: liver
+        0.54-0.91, left kidney 0.48-0.75); trimming with a poor one shrinks the structure away.
+        """
+        if st.ring:
+            return False
+        if st.vrp_self_dice is None:
+            refs, scores = [r[0] for r in st.references], []
+            for _, vol, k, seed in st.references:
+                mask = self._vrp(refs, self.cache.get(vol, [k], st.axis), seed.shape)[0][0]
+                scores.append(2 * (mask & seed).sum() / max(mask.sum() + seed.sum(), 1))
+            st.vrp_self_dice = float(np.mean(scores))
+        return st.vrp_self_dice >= self.config.vrp_refine_min_dice
+
+    def _refine_with_vrp(self, emb: torch.Tensor, decoded: tuple[np.ndarray, float], vrp_mask: np.ndarray,
+                         shape: tuple[int, int], margin: float | None, min_px: tuple[float, float]
+                         ) -> tuple[np.ndarray, float]:
+        """Re-decode a box-propagated mask from the box of its overlap with VRP's own mask (H, W).
+
+        The neighbour's box can only hold or grow a structure that shrinks toward its end, and SAM fills
+        the box with the tissue around it (CHAOS liver tip: per-slice Dice 0.2-0.5); VRP's reference-
+        conditioned mask trims it (docs/vrp.md, "Shrinking toward a structure's end").
+        """
+        mask, iou = decoded
+        if self.config.vrp_refine == "intersect":
+            both = mask & vrp_mask
+        else:
+            raise SegmenterError(f"vrp_refine: expected None or intersect; got {self.config.vrp_refine!r}")
+        if not both.any():
+            return decoded
+        masks, ious = self._box_decode(emb, self._grow(mask_box(both), shape, margin, min_px)[None], shape)
+        return masks[0], float(ious[0])
 
     def _localise(self, st: _Structure, volume: Volume, n: int, vrp, vrp_cache, shape, ax, preset
                   ) -> list[tuple[int, np.ndarray]]:

@@ -12,6 +12,7 @@ Coordinate conventions (the 256-px model space, written once here):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -108,6 +109,31 @@ def tune_cpu_allocator() -> bool:
     return _ALLOCATOR_TUNED
 
 
+def cpu_bf16_is_fast() -> bool:
+    """Whether bf16 autocast speeds up the encoder on this CPU (``VRPSAM_CPU_BF16=1|0`` overrides).
+
+    Only CPUs with native bf16 dot products (AVX-512 BF16, AMX) gain: there bf16 halves the encoder's
+    time. Elsewhere (AVX2 only) bf16 is emulated and about 10x slower than fp32 (docs/benchmarks.md).
+    """
+    forced = os.environ.get("VRPSAM_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where there is none: macOS, Windows)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -186,7 +212,7 @@ class Backbone(nn.Module):
         # auto: bf16 where it is fast and keeps masks equal (docs/benchmarks.md: encoder).
         if self.device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if os.environ.get("VRPSAM_CPU_BF16", "1") != "0" else None
+        return torch.bfloat16 if cpu_bf16_is_fast() else None
 
     # -- encoder --------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
