@@ -70,8 +70,8 @@ def table(results: dict) -> str:
              "empty slices given a mask | slices visited / in volume | s per volume |",
              "|---|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
-        name, method, kind, loc = key.split("|")
-        label = method if method != "engine" else f"engine ({loc})"
+        name, method, kind, loc, *engine = key.split("|")
+        label = method if method != "engine" else f"engine ({', '.join([loc] + engine)})"
         for s in r["config"]["labels"]:
             rows = [c for c in r["per_case"] if c["label"] == s]
             same = [c["dice"] for c in rows if c["same_patient"]]
