@@ -4,8 +4,9 @@
 
 Arguments: set, number of train cases, structures, then one ``SegmenterConfig`` setting per variant
 (``key=value``; several joined with ``;``). Per variant and structure: mean 3D Dice and the share of
-slices without the structure that got a mask.
+slices without the structure that got a mask. ``SPLIT=test`` reports on `test` cases instead.
 """
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def main() -> None:
     cache = EmbeddingCache(load_backbone(device="cpu"), progress=False)
     model = load_vrp(cache.backbone)
     ds = MSDDataset.open(DATA / name)
-    loaded = [ds.load(c) for c in ds.cases("train")[:n]]
+    loaded = [ds.load(c) for c in ds.cases(os.environ.get("SPLIT", "train"))[:n]]
     for spec in variants:
         t, res = time.perf_counter(), {}
         for vol, lab in loaded:

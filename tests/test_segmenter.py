@@ -217,7 +217,9 @@ def test_ring_walls_follow_the_image_where_their_thickness_changes(model_and_cac
     vol, lab = ring_phantom(thickening=2.0)
     dice = {}
     for adaptive in (True, False):
-        seg = make(model_and_cache, ring_adaptive_wall=adaptive)
+        # the wall is always built around the hole (no outer contour from SAM): whether SAM finds one on the
+        # phantom depends on the encoder's precision, and this test is about the wall's width
+        seg = make(model_and_cache, ring_adaptive_wall=adaptive, ring_outer_ratio=1e9)
         seg.add_reference(vol, 5, Annotation.from_mask(get_slice(lab, 5) == 1), name="wall")
         dice[adaptive] = dice_3d(seg.segment(vol).labels == 1, lab == 1)
     assert dice[True] > dice[False] + 0.03, dice
