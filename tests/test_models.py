@@ -89,14 +89,27 @@ def test_auto_precision_uses_bf16_only_where_the_cpu_has_native_bf16(monkeypatch
     monkeypatch.delenv("VRPSAM_CPU_BF16", raising=False)
     monkeypatch.setattr(bb, "_cpu_flags", lambda: frozenset({"avx", "avx2", "fma"}))
     assert model.encoder_dtype_name == "fp32" and model.id.endswith("-fp32")
-    monkeypatch.setattr(bb, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(bb, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "amx_bf16"}))
     assert model.encoder_dtype_name == "bf16" and model.id.endswith("-bf16")
+    # AVX-512 BF16 without AMX: the matmul probe decides.
+    monkeypatch.setattr(bb, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(bb, "_bf16_matmul_speedup", lambda: 2.0)
+    assert model.encoder_dtype_name == "bf16"
+    monkeypatch.setattr(bb, "_bf16_matmul_speedup", lambda: 0.55)
+    assert model.encoder_dtype_name == "fp32"
     monkeypatch.setenv("VRPSAM_CPU_BF16", "0")
     assert model.encoder_dtype_name == "fp32"
     monkeypatch.setattr(bb, "_cpu_flags", lambda: frozenset())
     monkeypatch.setenv("VRPSAM_CPU_BF16", "1")
     assert model.encoder_dtype_name == "bf16"
     assert load_backbone("litemedsam", device="cpu", precision="fp32").encoder_dtype_name == "fp32"
+
+
+def test_bf16_matmul_probe_measures_a_positive_speed_ratio():
+    from vrpsam_med.models.backbones import _bf16_matmul_speedup
+
+    ratio = _bf16_matmul_speedup.__wrapped__(n=256, repeats=2)
+    assert 0.01 < ratio < 100
 
 
 def test_checkpoint_errors(tmp_path):

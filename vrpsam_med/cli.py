@@ -28,8 +28,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="local weights for SAM/MedSAM backbones (.pth or .safetensors); never downloaded")
     g.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="encoder precision (auto: bf16 autocast on GPUs and on CPUs with native bf16, "
-                        "else fp32; see docs/benchmarks.md)")
+                   help="encoder precision (auto: bf16 autocast on GPUs and on CPUs where bf16 is faster "
+                        "than fp32 (AMX, or AVX-512 BF16 that passes a matmul probe), else fp32; "
+                        "see docs/benchmarks.md)")
     g.add_argument("--cache-dir", default="default",
                    help="embedding cache folder (default ~/.cache/vrpsam-med/embeddings, or $VRPSAM_CACHE_DIR); "
                         "'none' keeps embeddings in memory only")

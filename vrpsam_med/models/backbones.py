@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 import types
 import warnings
 from dataclasses import dataclass
@@ -112,13 +113,34 @@ def tune_cpu_allocator() -> bool:
 def cpu_bf16_is_fast() -> bool:
     """Whether bf16 autocast speeds up the encoder on this CPU (``VRPSAM_CPU_BF16=1|0`` overrides).
 
-    Only CPUs with native bf16 dot products (AVX-512 BF16, AMX) gain: there bf16 halves the encoder's
-    time. Elsewhere (AVX2 only) bf16 is emulated and about 10x slower than fp32 (docs/benchmarks.md).
+    With AMX, bf16 halves the encoder's time. AVX-512 BF16 alone is not enough: on one such machine
+    (AMX hidden by the hypervisor) a bf16 matmul ran at 0.55x fp32's speed and the encoder gained
+    nothing, so there a short matmul probe decides. With AVX2 only, bf16 is emulated and about 10x
+    slower than fp32 (docs/benchmarks.md).
     """
     forced = os.environ.get("VRPSAM_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return True
+    return "avx512_bf16" in flags and _bf16_matmul_speedup() >= 1.5
+
+
+@functools.lru_cache(maxsize=1)
+def _bf16_matmul_speedup(n: int = 1024, repeats: int = 3) -> float:
+    """bf16 over fp32 matmul throughput on this CPU (best of ``repeats``; about 0.2 s, once per process)."""
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a @ b  # warm-up: kernel selection, page faults
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        seconds[dtype] = best
+    return seconds[torch.float32] / seconds[torch.bfloat16]
 
 
 @functools.lru_cache(maxsize=1)
