@@ -90,6 +90,17 @@ def test_evaluate_refuses_unknown_label_and_missing_model(tmp_path):
     assert main(["evaluate", "--dataset", str(root), "--labels", "liver", "--method", "gt_box",
                  "--cache-dir", "none"]) == 2
     assert main(["evaluate", "--dataset", str(root), "--model", str(tmp_path / "nope"), "--cache-dir", "none"]) == 2
+    for bad in ("vrp_refine", "no_such_setting=1"):  # an --engine setting must be KEY=VALUE with a known KEY
+        assert main(["evaluate", "--dataset", str(root), "--method", "engine", "--engine", bad,
+                     "--cache-dir", "none"]) == 2
+
+
+def test_engine_settings_from_the_command_line():
+    from vrpsam_med.cli import _engine_config
+
+    assert _engine_config([]) is None
+    cfg = _engine_config(["vrp_refine=null", "stop_after_absent=3"])
+    assert cfg.vrp_refine is None and cfg.stop_after_absent == 3
 
 
 def test_patient_id_keeps_frames_of_one_patient_together():
@@ -100,9 +111,11 @@ def test_patient_id_keeps_frames_of_one_patient_together():
 
 
 def test_engine_fewshot_with_mask_references_learns_nothing_from_labels(tmp_path, cache, monkeypatch):
-    """fewshot + engine: each chunk's support slice segments the query volume; with mask references the
-    learned VRP encoder is never called, so the result holds for structures no model was trained on."""
+    """fewshot + engine: each chunk's support slice segments the query volume; with mask references and
+    ``vrp_refine`` off the learned VRP encoder is never called, so the result holds for structures no
+    model was trained on (the default ``vrp_refine`` consults it for structures it segments well)."""
     from vrpsam_med.engine.reference import ReferencePredictor
+    from vrpsam_med.engine.segmenter import SegmenterConfig
     from vrpsam_med.models.vrp import VRPSAM, VRPEncoder
 
     def refuse(*args, **kwargs):
@@ -113,6 +126,6 @@ def test_engine_fewshot_with_mask_references_learns_nothing_from_labels(tmp_path
     monkeypatch.setattr(model, "reference_state", refuse)
     ds = MSDDataset.open(make_msd(tmp_path / "d"))
     res = evaluate(ds, EvalConfig(protocol="fewshot", method="engine", labels=["ball", "box"]), cache,
-                   ReferencePredictor(model, cache))
+                   ReferencePredictor(model, cache), engine_config=SegmenterConfig(vrp_refine=None))
     assert [r["support"] for r in res.per_case if r["label"] == "ball"] == ["case_1", "case_2", "case_0"]
     assert res.per_label["ball"] > 0.8 and res.per_label["box"] > 0.6, res.per_label

@@ -480,8 +480,31 @@ def test_vrp_refine_trims_the_box_mask_to_its_overlap_with_vrp(model_and_cache, 
     far[0:3, 0:3] = True
     assert seg._refine_with_vrp(None, (big & ~far, 0.5), far, (40, 40), 0.0, (0.0, 0.0))[0].sum() == (big & ~far).sum()
     seg.config.vrp_refine = "union"
-    with pytest.raises(SegmenterError, match="vrp_refine: expected None or intersect"):
+    with pytest.raises(SegmenterError, match="vrp_refine: expected None, intersect or candidate"):
         seg._refine_with_vrp(None, (big, 0.5), small, (40, 40), 0.0, (0.0, 0.0))
+
+
+def test_vrp_refine_candidate_takes_the_trimmed_shape_but_judges_presence_on_the_box_mask(model_and_cache,
+                                                                                           monkeypatch):
+    """In "candidate" mode the more confident of box mask and trimmed mask is returned; by default whether
+    the structure is still present is decided on the box mask (past a structure's end the trimmed one passes)."""
+    vol, lab = phantom()
+    seg = make(model_and_cache, vrp_refine="candidate")
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    st = seg._structures["ball"]
+    big = np.zeros((32, 32), bool)
+    big[4:28, 4:28] = True
+    small = np.zeros((32, 32), bool)
+    small[6:20, 6:20] = True  # 196 px: not below the area floor (min_area_ratio x 576)
+    monkeypatch.setattr(Segmenter, "_decode_like", lambda self, *a, **k: (big, 0.5))
+    monkeypatch.setattr(Segmenter, "_refine_with_vrp", lambda self, *a: (small, 0.9))
+    # the box mask does not look like the structure any more; the trimmed one does
+    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m: (m.sum() < 300, 0.3))
+    vrp_out = (small, 0.9, 0.9, 0.9)
+    for box_presence, present in ((True, False), (False, True)):
+        seg.config.vrp_refine_box_presence = box_presence
+        mask, conf, ok = seg._propagate_one(st, vol, 5, big, vrp_out, (32, 32), 2, None, rule=False, refine=True)
+        assert np.array_equal(mask, small) and conf == pytest.approx(0.9) and ok is present
 
 
 def test_vrp_refine_only_for_structures_vrp_segments_well(model_and_cache, monkeypatch):
@@ -501,6 +524,15 @@ def test_vrp_refine_only_for_structures_vrp_segments_well(model_and_cache, monke
     assert results[None, 0.8][0] == 0 and results["intersect", 1.01][0] == 0  # off, or VRP not good enough
     assert results["intersect", 0.0][0] >= 4  # every propagated slice
     assert results["intersect", 0.0][1] > 0.7
+    seg = make(model_and_cache, vrp_refine="candidate", vrp_refine_min_dice=0.0)
+    seg.add_reference(vol, 6, Annotation.from_mask(ref), name="ball")
+    picked = []
+    real_looks = Segmenter._looks_like
+    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m: picked.append(int(m.sum())) or
+                        real_looks(self, st, e, m))
+    assert dice_3d(seg.segment(vol).labels == 1, lab == 1) > 0.7
+    assert len(calls) >= 4 and len(picked) >= 2 * len(calls)  # both masks of each refined slice are weighed
+    calls.clear()
     st = seg._structures["ball"]
     assert 0.0 <= st.vrp_self_dice <= 1.0
     seg.add_reference(vol, 7, Annotation.from_mask(get_slice(lab, 7) == 1), name="ball")

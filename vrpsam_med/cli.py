@@ -148,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="control: prompt with a different structure's reference")
     p.add_argument("--max-cases", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", dest="engine_settings",
+                   help="a volume-engine setting (SegmenterConfig field, YAML value) for --method engine, e.g. "
+                        "--engine vrp_refine=null (mask references then never call the learned VRP encoder); "
+                        "repeatable")
     p.add_argument("--json", type=Path, default=None, dest="json_out", help="write results JSON here")
     p.add_argument("--overwrite", action="store_true")
     _add_model_options(p)
@@ -380,6 +384,27 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def _engine_config(settings: list[str]):
+    """``SegmenterConfig`` from ``KEY=VALUE`` strings (YAML values); None when there are none."""
+    import dataclasses
+
+    import yaml
+
+    from vrpsam_med.engine.segmenter import SegmenterConfig
+    from vrpsam_med.errors import UsageError
+
+    if not settings:
+        return None
+    known = {f.name for f in dataclasses.fields(SegmenterConfig)}
+    values = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise UsageError(f"--engine {item}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        values[key] = yaml.safe_load(value)
+    return SegmenterConfig(**values)
+
+
 def cmd_evaluate(args) -> int:
     from vrpsam_med.engine.reference import ReferencePredictor
     from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
@@ -389,13 +414,14 @@ def cmd_evaluate(args) -> int:
 
     if args.json_out is not None:
         outputs_free([args.json_out], args.overwrite)
+    engine_config = _engine_config(args.engine_settings)
     ds = MSDDataset.open(args.dataset)
     cache = _cache(args)
     predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache) if args.method in ("vrp", "engine") else None
     cfg = EvalConfig(protocol=args.protocol, annotation=args.annotation,
                      labels=args.labels.split(",") if args.labels else None, split=args.split, method=args.method,
                      seed=args.seed, max_cases=args.max_cases, wrong_reference=args.wrong_reference)
-    result = evaluate(ds, cfg, cache, predictor)
+    result = evaluate(ds, cfg, cache, predictor, engine_config=engine_config)
     print(result.markdown())
     print(f"{len(result.per_case)} evaluations in {result.seconds:.0f} s")
     if args.json_out is not None:
