@@ -700,8 +700,8 @@ class Segmenter:
         chosen = max(range(len(scored)), key=lambda i: scored[i][1])  # first of equals, as before
         mask, conf, _, _ = scored[chosen]
         # The re-decoded mask gives the shape; whether the structure is still there is judged on the box mask
-        # it came from: past a structure's end the trimmed mask can pass where the box mask fails
-        # (CHAOS test liver: empty slices given a mask 8.9 % -> 18.6 % when judged on the trimmed mask).
+        # it came from: past a structure's end the trimmed mask can pass where the box mask fails (CHAOS train
+        # liver: empty slices given a mask 7.0 % judged on the trimmed mask, 3.0 % on the box mask; docs/vrp.md).
         judged = 0 if chosen == refined_at and cfg.vrp_refine_box_presence else chosen
         judged_mask, _, ok, iou = scored[judged]
         # rings are decoded as hole + band, which is not what the rule was fitted on
