@@ -343,18 +343,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    import yaml
-
     from vrpsam_med.errors import UsageError
     from vrpsam_med.training.finetune import check_data, finetune, load_finetune_config, preflight, prepare
     from vrpsam_med.training.train import distributed_session
 
-    overrides: dict = {}
-    for item in args.set_values:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = _key_values(args.set_values, "--set")
     overrides.update({
         "dataset": args.dataset, "init": args.init, "split": args.split,
         "labels": [x for x in args.labels.split(",") if x] if args.labels else None,
@@ -384,24 +377,35 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def _engine_config(settings: list[str]):
-    """``SegmenterConfig`` from ``KEY=VALUE`` strings (YAML values); None when there are none."""
-    import dataclasses
-
+def _key_values(items: list[str], option: str) -> dict:
+    """``KEY=VALUE`` command-line strings as a dict (YAML values); a malformed one is a UsageError."""
     import yaml
+
+    from vrpsam_med.errors import UsageError
+
+    values: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{option} {item!r}: expected KEY=VALUE")
+        values[key.strip()] = yaml.safe_load(value)
+    return values
+
+
+def _engine_config(settings: list[str]):
+    """``SegmenterConfig`` from ``--engine KEY=VALUE`` strings; None when there are none."""
+    import dataclasses
 
     from vrpsam_med.engine.segmenter import SegmenterConfig
     from vrpsam_med.errors import UsageError
 
     if not settings:
         return None
+    values = _key_values(settings, "--engine")
     known = {f.name for f in dataclasses.fields(SegmenterConfig)}
-    values = {}
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep or key not in known:
-            raise UsageError(f"--engine {item}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
-        values[key] = yaml.safe_load(value)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UsageError(f"--engine {unknown[0]}: not an engine setting; one of {', '.join(sorted(known))}")
     return SegmenterConfig(**values)
 
 

@@ -129,7 +129,7 @@ def cpu_bf16_is_fast() -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _bf16_matmul_speedup(n: int = 1024, repeats: int = 3) -> float:
-    """bf16 over fp32 matmul throughput on this CPU (best of ``repeats``; about 0.2 s, once per process)."""
+    """bf16 over fp32 matmul throughput on this CPU (best of ``repeats``; about 0.1 s, once per process)."""
     seconds = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
