@@ -184,3 +184,26 @@ def test_config_files_validate_and_typos_are_named(tmp_path):
         load_train_config(bad)
     with pytest.raises(UsageError, match="not found"):
         load_train_config(tmp_path / "missing.yaml")
+
+
+def test_training_precision_auto_follows_the_cpu(tmp_path, monkeypatch):
+    """bf16: auto trains in bf16 only where bf16 is faster; true forces it; other values are named errors."""
+    import vrpsam_med.training.train as tr
+    from vrpsam_med.errors import UsageError
+    from vrpsam_med.training.config import load_train_config
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(tr, "cpu_bf16_is_fast", lambda: False)
+    assert tr.training_uses_bf16("auto", cpu) is False
+    assert tr.training_uses_bf16(True, cpu) is True
+    monkeypatch.setattr(tr, "cpu_bf16_is_fast", lambda: True)
+    assert tr.training_uses_bf16("auto", cpu) is True
+    assert tr.training_uses_bf16(False, cpu) is False
+
+    cfg_file = tmp_path / "c.yaml"
+    for text, value in (("bf16: auto\n", "auto"), ("bf16: false\n", False), ("", "auto")):
+        cfg_file.write_text(text or "lr: 0.001\n")
+        assert load_train_config(cfg_file).bf16 == value
+    cfg_file.write_text("bf16: yes please\n")
+    with pytest.raises(UsageError, match="'bf16' must be true, false or 'auto'"):
+        load_train_config(cfg_file)

@@ -25,6 +25,10 @@ def _check_type(key: str, value: Any, default: Any, where: str) -> None:
     """Scalars must have their default's type (ints are accepted for floats); None is 'not set'."""
     if value is None or default is None or default is dataclasses.MISSING:
         return
+    if default == "auto":  # tri-state: true, false or "auto"
+        if not (isinstance(value, bool) or value == "auto"):
+            raise UsageError(f"{where}: {key!r} must be true, false or 'auto', got {value!r}")
+        return
     if isinstance(default, bool):
         ok = isinstance(value, bool)
     elif isinstance(default, float):

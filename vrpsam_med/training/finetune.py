@@ -42,6 +42,7 @@ from vrpsam_med.training.train import (
     losses,
     mask_loss,
     save_encoder,
+    training_uses_bf16,
 )
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ class FinetuneConfig:
     time_budget_s: float = 0.0  # 0 = no limit
     seed: int = 0
     presence_weight: float = 0.5
-    bf16: bool = True  # bf16 autocast (CPU and GPUs that support it)
+    bf16: bool | str = "auto"  # bf16 autocast: "auto" (where it is faster), true, false
     # With lora.decoder: refit the volume engine's stop rule for the adapted decoder on the train patients
     # at the end (vrpsam_med/engine/stop_rule.py), store it in best/ and validate best again with it.
     calibrate_stop_rule: bool = True
@@ -421,7 +422,7 @@ def finetune(cfg: FinetuneConfig, records: list, val_ds: MSDDataset, cache: Embe
         if rank == 0:
             log.warning("resumed %s at step %d", run_dir, step)
     run_dir.mkdir(parents=True, exist_ok=True)
-    use_bf16 = cfg.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
+    use_bf16 = training_uses_bf16(cfg.bf16, device)
     card_base = {"model": "VRP-SAM encoder (fine-tuned)", "backbone": backbone.id,
                  "init": str(cfg.init or "shipped default (vrpsam_med/assets/vrp_default)"),
                  "data": data_info or {}, "config": asdict(cfg), "command": command, "git_revision": git_revision(),
