@@ -7,8 +7,9 @@
 Evaluations (evaluate harness, all test patients of each set):
 - ``engine:KIND``: the volume engine (`volume` protocol, method `engine`), reference = the structure's
   largest slice annotated as KIND; whole-volume 3D Dice, same patient and other patients. With a mask
-  reference the engine prompts SAM with boxes only, so only decoder adapters can change it; with a
-  scribble or point reference the VRP encoder makes the first mask.
+  reference the engine prompts SAM with boxes; the VRP encoder still takes part where the engine consults
+  it (the `vrp_refine` candidate for structures it segments well on the reference slice, and localisation
+  in other patients); with a scribble or point reference the VRP encoder also makes the first mask.
 - ``fewshot:KIND``: the FSMIS protocol, VRP alone slice by slice (what the VRP encoder learned).
 Results are stored per (model, set, evaluation) key, so an interrupted run resumes.
 ``--model NAME=PATH#default-rule`` loads PATH but ignores a stop rule refitted for its fine-tuned decoder
