@@ -188,15 +188,16 @@ def test_config_files_validate_and_typos_are_named(tmp_path):
 
 def test_training_precision_auto_follows_the_cpu(tmp_path, monkeypatch):
     """bf16: auto trains in bf16 only where bf16 is faster; true forces it; other values are named errors."""
+    import vrpsam_med.models.backbones as bb
     import vrpsam_med.training.train as tr
     from vrpsam_med.errors import UsageError
     from vrpsam_med.training.config import load_train_config
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(tr, "cpu_bf16_is_fast", lambda: False)
+    monkeypatch.setattr(bb, "cpu_bf16_is_fast", lambda: False)
     assert tr.training_uses_bf16("auto", cpu) is False
     assert tr.training_uses_bf16(True, cpu) is True
-    monkeypatch.setattr(tr, "cpu_bf16_is_fast", lambda: True)
+    monkeypatch.setattr(bb, "cpu_bf16_is_fast", lambda: True)
     assert tr.training_uses_bf16("auto", cpu) is True
     assert tr.training_uses_bf16(False, cpu) is False
 

@@ -110,6 +110,12 @@ def tune_cpu_allocator() -> bool:
     return _ALLOCATOR_TUNED
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """The ``auto`` precision rule, for the encoder and for training: GPUs that support bf16, CPUs where
+    :func:`cpu_bf16_is_fast` holds."""
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16_is_fast()
+
+
 def cpu_bf16_is_fast() -> bool:
     """Whether bf16 autocast speeds up the encoder on this CPU (``VRPSAM_CPU_BF16=1|0`` overrides).
 
@@ -232,9 +238,7 @@ class Backbone(nn.Module):
         if self.precision == "bf16":
             return torch.bfloat16
         # auto: bf16 where it is fast and keeps masks equal (docs/benchmarks.md: encoder).
-        if self.device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-        return torch.bfloat16 if cpu_bf16_is_fast() else None
+        return torch.bfloat16 if bf16_is_fast(self.device) else None
 
     # -- encoder --------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from vrpsam_med.models.backbones import cpu_bf16_is_fast
+from vrpsam_med.models.backbones import bf16_is_fast
 from vrpsam_med.models.vrp import VRPSAM, VRPEncoder, mask_to_embedding_grid
 from vrpsam_med.training.episodes import Batch, EpisodeConfig, EpisodeSampler
 
@@ -107,12 +107,12 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
 def training_uses_bf16(setting: bool | str, device: torch.device) -> bool:
     """Whether training runs under bf16 autocast on ``device``.
 
-    ``"auto"``: on GPUs that support bf16, and on CPUs where bf16 is faster than fp32
-    (:func:`cpu_bf16_is_fast`: a training step took 2.1 s in bf16 and 1.3 s in fp32 on an AVX-512 BF16
-    CPU without AMX, docs/benchmarks.md). ``True`` forces it wherever bf16 exists; ``False`` is fp32.
+    ``"auto"``: the encoder's rule, :func:`bf16_is_fast` (a training step took 2.1 s in bf16 and 1.3 s
+    in fp32 on an AVX-512 BF16 CPU without AMX, docs/benchmarks.md). ``True`` forces it wherever bf16
+    exists; ``False`` is fp32.
     """
     if setting == "auto":
-        return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_bf16_is_fast()
+        return bf16_is_fast(device)
     return bool(setting) and (device.type == "cpu" or torch.cuda.is_bf16_supported())
 
 
