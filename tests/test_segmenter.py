@@ -249,10 +249,48 @@ def test_sweep_finds_the_structure_along_the_axis(model_and_cache):
     assert len(found) == 1 and 3 <= found[0][0] <= 10
     assert dice_3d(found[0][1], get_slice(lab, found[0][0]) == 1) > 0.7
     ranked = seg._sweep(st, vol, get_slice(lab, 6) == 1, get_slice(lab, 6).shape, 2, None, None, count=3)
-    assert ranked[0][0] == found[0][0] and len({j for j, _ in ranked}) == len(ranked)
-    assert all(3 <= j <= 10 for j, _ in ranked)  # only slices whose mask looks like the ball
+    assert ranked[0][0] == found[0][0] and len({j for j, *_ in ranked}) == len(ranked)
+    assert all(3 <= j <= 10 for j, *_ in ranked)  # only slices whose mask looks like the ball
     empty = Volume(np.random.default_rng(1).normal(25, 4, vol.shape).astype(np.float32), vol.affine, modality="MR")
     assert seg._sweep(st, empty, get_slice(lab, 6) == 1, get_slice(lab, 6).shape, 2, None, None) == []
+
+
+def test_sweep_also_tries_the_prior_moved_in_plane(model_and_cache):
+    """A prior off in-plane (registration error) finds nothing on its own; moved by 21 mm it does."""
+    from vrpsam_med.engine.segmenter import _shift2d, _shift_inplane
+
+    vol, lab = phantom()
+    prior = _shift2d(get_slice(lab, 6) == 1, 14, 14)
+    found = {}
+    for share in (0.0, 21.0):  # phantom pixels are 1.5 mm: 14 px
+        seg = make(model_and_cache, scan_stride=3)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        found[share] = seg._sweep(seg._structures["ball"], vol, prior, prior.shape, 2, None, None, shift_mm=share)
+    assert found[0.0] == []
+    (j, mask, offset), = found[21.0]
+    assert 3 <= j <= 10 and dice_3d(mask, get_slice(lab, j) == 1) > 0.8
+    assert offset[0] < 0 and offset[1] < 0  # moved back toward the ball
+    moved = _shift_inplane(lab == 1, offset, 2)
+    assert np.array_equal(get_slice(moved, 6), _shift2d(get_slice(lab, 6) == 1, *offset))
+    for bad in (-0.1, float("inf"), "half", True):
+        with pytest.raises(SegmenterError, match="sweep_shift_mm: expected a distance in mm >= 0"):
+            make(model_and_cache, sweep_shift_mm=bad)
+
+
+def test_sweep_moves_the_prior_only_after_3d_registration(model_and_cache, monkeypatch):
+    """Few-slice stacks are registered in-plane already: no moved placements there (config default too)."""
+    shifts: list[float] = []
+    real = Segmenter._sweep
+    monkeypatch.setattr(Segmenter, "_sweep", lambda self, *a, shift_mm=0.0, **k:
+                        shifts.append(shift_mm) or real(self, *a, shift_mm=shift_mm, **k))
+    for n, expected in ((24, 12.0), (14, 0.0)):
+        vol, lab = phantom(n=n)
+        other, _ = phantom(shift=4, n=n)
+        seg = make(model_and_cache, sweep_shift_mm=12.0)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        seg.segment(other)
+        assert shifts and set(shifts) == {expected}
+        shifts.clear()
 
 
 def test_shift_moves_without_wrapping():
@@ -263,6 +301,12 @@ def test_shift_moves_without_wrapping():
     assert _shift(a, 2, 2)[0, 0].tolist() == [False, False, False, True, True, False]
     assert _shift(a, -2, 2)[0, 0].tolist() == [True, False, False, False, False, False]
     assert not _shift(a, 9, 2).any()
+    from vrpsam_med.engine.segmenter import _shift2d
+
+    m = np.zeros((4, 5), bool)
+    m[0, 0] = m[3, 4] = True
+    assert np.flatnonzero(_shift2d(m, 1, 2)).tolist() == [1 * 5 + 2]  # (3, 4) leaves the slice
+    assert np.flatnonzero(_shift2d(m, -3, -4)).tolist() == [0]
 
 
 def _stack(a: np.ndarray) -> np.ndarray:
@@ -405,7 +449,7 @@ def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_a
     decoy[10:14, 10:14] = True
     real = Segmenter._sweep
     monkeypatch.setattr(Segmenter, "_sweep", lambda self, *a, count=1, **k:
-                        [(20, decoy)] + real(self, *a, count=count, **k)[: count - 1])
+                        [(20, decoy, (0, 0))] + real(self, *a, count=count, **k)[: count - 1])
     scans = []
     real_scan = Segmenter._localise
     monkeypatch.setattr(Segmenter, "_localise", lambda self, *a: scans.append(1) or real_scan(self, *a))

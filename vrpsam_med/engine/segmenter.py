@@ -110,6 +110,11 @@ class SegmenterConfig:
     # look-alike dies out within a few slices.
     min_volume_ratio: float = 0.25
     seed_retries: int = 2
+    # other volumes registered in 3D, the sweep: the prior's slice mask is also tried moved in-plane by this many mm
+    # (8 neighbours), the best-scoring placement wins; 3D registration can be off in-plane too. Not for few-slice
+    # stacks (their in-plane registration already searches placements; on ACDC train the right ventricle's box
+    # moved onto the left ventricle). 0: no moves
+    sweep_shift_mm: float = 25.0
     slab_max_slices: int = 16  # other volumes with at most this many slices: in-plane registration (see _warp_atlas)
     # propagation: "intersect" re-decodes the neighbour's box mask from the box of its overlap with VRP's own mask,
     # so a structure can shrink toward its end (train: lifts the CHAOS MR liver, costs the spleen and the BTCV CT
@@ -249,6 +254,9 @@ class Segmenter:
             raise SegmenterError(f"min_volume_ratio: expected a share between 0 and 1; got {ratio!r}")
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise SegmenterError(f"seed_retries: expected a whole number >= 0; got {retries!r}")
+        shift = self.config.sweep_shift_mm
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not 0 <= shift < float("inf"):
+            raise SegmenterError(f"sweep_shift_mm: expected a distance in mm >= 0; got {shift!r}")
         if self.config.seed_search not in ("sweep", "prior"):
             raise SegmenterError(f"seed_search: expected sweep or prior; got {self.config.seed_search!r}")
         if self.config.registration_transform not in TRANSFORMS:
@@ -785,16 +793,19 @@ class Segmenter:
             return [([], None)]
         k = int(np.argmax(areas))
         prior = get_slice(warped, k, ax)
+        slab = min(volume.shape[ax], ref_vol.shape[ax]) <= self.config.slab_max_slices
+        shift_mm = 0.0 if slab else self.config.sweep_shift_mm
         if self.config.seed_search == "prior":
             emb = self.cache.get(volume, [k], ax, preset)
             mask = self._decode_like(st, emb, prior, shape, image=self._ring_image(st, volume, k, ax, preset))[0]
             if mask.any() and self._looks_like(st, emb[0], mask)[0]:
                 return [([(k, mask)], warped)]
-            found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, count=1)
+            found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, count=1, shift_mm=shift_mm)
         else:
             found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, first=k,
-                                count=1 + self.config.seed_retries)
-        return [([(j, mask)], _shift(warped, j - k, ax)) for j, mask in found] or None
+                                count=1 + self.config.seed_retries, shift_mm=shift_mm)
+        return [([(j, mask)], _shift_inplane(_shift(warped, j - k, ax), offset, ax))
+                for j, mask, offset in found] or None
 
     def _warp_atlas(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None
                     ) -> np.ndarray:
@@ -834,18 +845,25 @@ class Segmenter:
         return warped
 
     def _sweep(self, st: _Structure, volume: Volume, prior: np.ndarray, shape, ax, preset,
-               should_stop: Callable[[], bool] | None, first: int | None = None, count: int = 1
-               ) -> list[tuple[int, np.ndarray]]:
+               should_stop: Callable[[], bool] | None, first: int | None = None, count: int = 1,
+               shift_mm: float = 0.0) -> list[tuple[int, np.ndarray, tuple[int, int]]]:
         """Up to ``count`` slices where ``prior``'s box segments something like the reference, best first.
 
         Slice ``first`` (if given) and every ``scan_stride``-th slice; the ``count`` best of those at
         least ``scan_stride`` apart, each refined among its neighbours. Score = SAM's IoU estimate x the
         prototype margin, as for scan localisation; slices whose mask fails the prototype check are
-        never returned.
+        never returned. With ``shift_mm``, each slice also tries ``prior`` moved that far in-plane (8
+        neighbours) and keeps its best placement. Returns (slice, mask, in-plane offset in pixels).
         """
         cfg, n = self.config, volume.shape[ax]
         stride = max(1, cfg.scan_stride)
-        scores: dict[int, tuple[float, np.ndarray]] = {}
+        scores: dict[int, tuple[float, np.ndarray, tuple[int, int]]] = {}
+        offsets = [(0, 0)]
+        if shift_mm > 0 and prior.any():
+            dc, dr = (round(px) for px in _min_px(volume, ax, shift_mm))
+            offsets += [(i * dr, j * dc) for i in (-1, 0, 1) for j in (-1, 0, 1) if (i, j) != (0, 0)]
+        placed = [(o, _shift2d(prior, *o)) for o in offsets]
+        placed = [(o, p) for o, p in placed if p.any()]
 
         def score(indices: Sequence[int]) -> None:
             todo = [j for j in indices if j not in scores]
@@ -856,9 +874,12 @@ class Segmenter:
                 emb = self.cache.get(volume, chunk, ax, preset)
                 for j, e in zip(chunk, emb):
                     image = self._ring_image(st, volume, j, ax, preset)
-                    mask, iou = self._decode_like(st, e[None], prior, shape, image=image)
-                    looks, margin = self._looks_like(st, e, mask)
-                    scores[j] = (max(iou, 0.0) * margin if looks else -1.0, mask)
+                    for offset, p in placed:
+                        mask, iou = self._decode_like(st, e[None], p, shape, image=image)
+                        looks, margin = self._looks_like(st, e, mask)
+                        value = max(iou, 0.0) * margin if looks else -1.0
+                        if j not in scores or value > scores[j][0]:
+                            scores[j] = (value, mask, offset)
 
         score(([first] if first is not None else []) + list(range(0, n, stride)))
         hits: list[int] = []
@@ -874,7 +895,7 @@ class Segmenter:
             top = max((j for j in near if j not in found), key=lambda j: scores[j][0])
             if scores[top][0] > 0:
                 found.append(top)
-        return [(j, scores[j][1]) for j in found]
+        return [(j, scores[j][1], scores[j][2]) for j in found]
 
     @staticmethod
     def _cleanup(mask3d: np.ndarray, seeds: Sequence[int], ax: int) -> np.ndarray:
@@ -925,6 +946,25 @@ def _mean_wall(walls: Sequence[WallIntensity]) -> WallIntensity:
     """One wall description from several ring references (k-shot)."""
     return WallIntensity(float(np.mean([w.wall for w in walls])), float(np.mean([w.wall_sd for w in walls])),
                          float(np.mean([w.cavity for w in walls])))
+
+
+def _shift2d(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """``mask`` (H, W) moved by ``rows``, ``cols`` pixels; what leaves the slice is dropped."""
+    out = np.zeros_like(mask)
+    h, w = mask.shape
+    src = mask[max(0, -rows):h - max(0, rows), max(0, -cols):w - max(0, cols)]
+    out[max(0, rows):max(0, rows) + src.shape[0], max(0, cols):max(0, cols) + src.shape[1]] = src
+    return out
+
+
+def _shift_inplane(array: np.ndarray, offset: tuple[int, int], ax: int) -> np.ndarray:
+    """Every slice of ``array`` along ``ax`` moved in-plane by ``offset`` (rows, cols of the slice)."""
+    if offset == (0, 0):
+        return array
+    out = np.zeros_like(array)
+    for k in range(array.shape[ax]):
+        set_slice(out, k, _shift2d(get_slice(array, k, ax), *offset), ax)
+    return out
 
 
 def _shift(array: np.ndarray, offset: int, axis: int) -> np.ndarray:
