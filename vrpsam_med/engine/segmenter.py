@@ -874,8 +874,13 @@ class Segmenter:
                 emb = self.cache.get(volume, chunk, ax, preset)
                 for j, e in zip(chunk, emb):
                     image = self._ring_image(st, volume, j, ax, preset)
-                    for offset, p in placed:
-                        mask, iou = self._decode_like(st, e[None], p, shape, image=image)
+                    if st.ring:  # decoded from the hole: one placement at a time
+                        decoded = [self._decode_like(st, e[None], p, shape, image=image) for _, p in placed]
+                    else:  # all placements in one decoder pass
+                        masks, ious = self._box_decode(
+                            e[None], np.stack([self._grow(mask_box(p), shape) for _, p in placed]), shape)
+                        decoded = [(m, float(q)) for m, q in zip(masks, ious)]
+                    for (offset, _), (mask, iou) in zip(placed, decoded):
                         looks, margin = self._looks_like(st, e, mask)
                         value = max(iou, 0.0) * margin if looks else -1.0
                         if j not in scores or value > scores[j][0]:
