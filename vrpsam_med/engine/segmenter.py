@@ -953,13 +953,14 @@ def _mean_wall(walls: Sequence[WallIntensity]) -> WallIntensity:
                          float(np.mean([w.cavity for w in walls])))
 
 
+def _moved(array: np.ndarray, offsets: Sequence[int]) -> np.ndarray:
+    """``array`` (bool) moved by whole ``offsets`` (one per axis), zero-filled (no wrap-around)."""
+    return ndimage.shift(array.astype(np.uint8), offsets, order=0, cval=0) > 0
+
+
 def _shift2d(mask: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """``mask`` (H, W) moved by ``rows``, ``cols`` pixels; what leaves the slice is dropped."""
-    out = np.zeros_like(mask)
-    h, w = mask.shape
-    src = mask[max(0, -rows):h - max(0, rows), max(0, -cols):w - max(0, cols)]
-    out[max(0, rows):max(0, rows) + src.shape[0], max(0, cols):max(0, cols) + src.shape[1]] = src
-    return out
+    return _moved(mask, (rows, cols))
 
 
 def _shift_inplane(array: np.ndarray, offset: tuple[int, int], ax: int) -> np.ndarray:
@@ -976,7 +977,7 @@ def _shift(array: np.ndarray, offset: int, axis: int) -> np.ndarray:
     """``array`` (bool) moved by ``offset`` along ``axis``, zero-filled (no wrap-around)."""
     shifts = [0] * array.ndim
     shifts[axis] = offset
-    return ndimage.shift(array.astype(np.uint8), shifts, order=0, cval=0) > 0
+    return _moved(array, shifts)
 
 
 def _coarse_to_fine(n: int, stride: int, evaluate: Callable[[Sequence[int]], None], best: Callable[[], int]) -> int:
