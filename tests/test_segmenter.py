@@ -455,7 +455,7 @@ def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_a
     monkeypatch.setattr(Segmenter, "_localise", lambda self, *a: scans.append(1) or real_scan(self, *a))
     results = {}
     for ratio, retries in ((0.0, 2), (0.25, 2), (0.25, 0)):
-        seg = make(model_and_cache, min_volume_ratio=ratio, seed_retries=retries)
+        seg = make(model_and_cache, min_volume_ratio=ratio, seed_retries=retries, seed_choice="first")
         seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
         res = seg.segment(other)
         results[ratio, retries] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1), len(scans))
@@ -465,6 +465,28 @@ def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_a
     assert seeds != [20] and 3 <= seeds[0] <= 10 and found > 0.5 and scanned == 0
     seeds, found, scanned = results[0.25, 0]  # no other slice: VRP's scan, as the last try, finds the ball
     assert seeds != [20] and found > 0.5 and scanned == 1
+
+
+def test_best_seed_choice_keeps_the_candidate_that_looks_most_like_the_reference(model_and_cache, monkeypatch):
+    """Both candidates lead to enough structure (min_volume_ratio 0): "first" keeps the look-alike the sweep
+    ranked first, "best" propagates both and keeps the one whose slices look like the reference."""
+    vol, lab = phantom(n=24)
+    other, olab = phantom(shift=4, n=24)
+    decoy = np.zeros(get_slice(olab, 0).shape, bool)
+    decoy[10:14, 10:14] = True
+    real = Segmenter._sweep
+    monkeypatch.setattr(Segmenter, "_sweep", lambda self, *a, count=1, **k:
+                        [(20, decoy, (0, 0))] + real(self, *a, count=count, **k)[: count - 1])
+    found = {}
+    for choice in ("first", "best"):
+        seg = make(model_and_cache, min_volume_ratio=0.0, seed_choice=choice)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        res = seg.segment(other)
+        found[choice] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1))
+    assert found["first"][0] == [20] and found["first"][1] < 0.1
+    assert found["best"][0] != [20] and found["best"][1] > 0.5
+    with pytest.raises(SegmenterError, match="seed_choice: expected first or best"):
+        make(model_and_cache, seed_choice="largest")
 
 
 def test_localised_box_floor_in_mm_applies_in_other_volumes_only(model_and_cache, monkeypatch):
@@ -484,6 +506,27 @@ def test_localised_box_floor_in_mm_applies_in_other_volumes_only(model_and_cache
     for bad in (-1.0, "wide", float("nan")):
         with pytest.raises(SegmenterError, match="localised_box_min_mm: expected a number of mm >= 0"):
             make(model_and_cache, localised_box_min_mm=bad)
+
+
+@pytest.mark.parametrize("confirm, stack, expected", [(1, 8, [1, 3, 5, 6, 8, 9, 10]), (2, 8, [5, 6, 8, 9, 10]),
+                                                     (2, 16, [1, 3, 5, 6, 8, 9, 10])])
+def test_slices_accepted_after_an_absent_one_need_confirming(model_and_cache, monkeypatch, confirm, stack, expected):
+    """... except in few-slice stacks (the 14-slice phantom counts as one with slab_max_slices 16)."""
+    vol, lab = phantom()
+    seg = make(model_and_cache, confirm_after_absent=confirm, cleanup=False, slab_max_slices=stack)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    # down: 5 present, 4 absent, 3 present, 2 absent, 1 present, 0 absent; up: 7 absent, then 8-10 present, 11-12 absent
+    present = {5: True, 4: False, 3: True, 2: False, 1: True, 0: False,
+               7: False, 8: True, 9: True, 10: True, 11: False, 12: False, 13: True}
+    monkeypatch.setattr(Segmenter, "_propagate_one",
+                        lambda self, st, volume, k, prev, *a, **kw: (prev, 0.5, present[k]))
+    st = seg.segment(vol).structures["ball"]
+    # confirm=2: slice 3 follows an absent slice and is followed by one, so the walk down stops there and drops it;
+    # 8 is confirmed by 9, so the walk up goes on to 10 and stops at 12
+    assert np.flatnonzero(st.present).tolist() == expected
+    for bad in (0, 1.5, True):
+        with pytest.raises(SegmenterError, match="confirm_after_absent: expected a whole number >= 1"):
+            make(model_and_cache, confirm_after_absent=bad)
 
 
 def test_stop_rule_decides_propagation_and_can_be_kept_to_the_reference_volume(model_and_cache, monkeypatch):
