@@ -455,7 +455,7 @@ def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_a
     monkeypatch.setattr(Segmenter, "_localise", lambda self, *a: scans.append(1) or real_scan(self, *a))
     results = {}
     for ratio, retries in ((0.0, 2), (0.25, 2), (0.25, 0)):
-        seg = make(model_and_cache, min_volume_ratio=ratio, seed_retries=retries, seed_choice="first")
+        seg = make(model_and_cache, min_volume_ratio=ratio, seed_retries=retries)
         seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
         res = seg.segment(other)
         results[ratio, retries] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1), len(scans))

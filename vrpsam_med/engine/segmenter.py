@@ -16,10 +16,10 @@ How a structure is found in a volume:
    volume is registered to the target (similarity transform by default, SimpleITK), and the warped
    structure's largest slice seeds; if that seed does not look like the reference, the warped box is
    swept along the slice axis (registration between different fields of view is mostly off along the
-   body axis); the sweep's best slices each seed a propagation, and the result that looks most like
-   the reference over all its slices is kept (``seed_choice``). With ``localisation="scan"`` VRP-SAM
-   is run on every ``scan_stride``-th slice, then on the neighbours of the best hit; the most
-   confident slice seeds.
+   body axis); the sweep's best slices seed in turn until one leads to enough structure (or, with
+   ``seed_choice="best"``, the result that looks most like the reference is kept). With
+   ``localisation="scan"`` VRP-SAM is run on every ``scan_stride``-th slice, then on the neighbours
+   of the best hit; the most confident slice seeds.
 2. **Propagation.** From each seed outward in both directions, slice by slice: the neighbour's mask
    gives a box prompt (LiteMedSAM's strongest prompt); the slice is "present" while the mask's
    embedding prototype looks like the reference's foreground and not like its background (cosine
@@ -122,9 +122,10 @@ class SegmenterConfig:
     # other volumes, "sweep": "first" keeps the first candidate seed whose structure reaches min_volume_ratio; "best"
     # propagates every candidate and keeps the one whose slices look most like the reference (mean cosine of each
     # slice mask's prototype to the reference foreground): a look-alike neighbour can outscore the structure on
-    # one slice, less so over all of its slices (train pairs, mean of 4 organs: BTCV 0.906 -> 0.925, CHAOS
-    # 0.748 -> 0.754; 1.35-1.4x the tuning runs' wall time, shared cores; docs/vrp.md)
-    seed_choice: str = "best"
+    # one slice, less so over all of its slices. Train pairs, mean of 4 organs: BTCV 0.906 -> 0.925, CHAOS 0.748 ->
+    # 0.754; but test pairs: BTCV 0.786 -> 0.754, CHAOS 0.844 -> 0.819 (a partial structure can look more alike than
+    # the whole), so "first" stays the default (docs/vrp.md)
+    seed_choice: str = "first"
     # other volumes registered in 3D, the sweep: the prior's slice mask is also tried moved in-plane by this many mm
     # (8 neighbours), the best-scoring placement wins; 3D registration can be off in-plane too. Not for few-slice
     # stacks (their in-plane registration already searches placements; on ACDC train the right ventricle's box
