@@ -440,9 +440,9 @@ def test_seed_search_sweeps_even_when_the_prior_slice_looks_right(model_and_cach
             make(model_and_cache, seed_retries=bad)
 
 
-def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_and_cache, monkeypatch):
-    """The sweep's best slice is a look-alike (here: a small patch far from the ball); its propagated
-    structure is far smaller than the reference's, so the next candidate seeds instead."""
+def _look_alike_first(monkeypatch) -> tuple[Volume, np.ndarray, Volume, np.ndarray]:
+    """Reference and target phantoms (24 slices); the sweep's first candidate is a small patch far from the
+    ball on slice 20 of the target, then its own candidates: (reference, labels, target, labels)."""
     vol, lab = phantom(n=24)
     other, olab = phantom(shift=4, n=24)
     decoy = np.zeros(get_slice(olab, 0).shape, bool)
@@ -450,6 +450,13 @@ def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_a
     real = Segmenter._sweep
     monkeypatch.setattr(Segmenter, "_sweep", lambda self, *a, count=1, **k:
                         [(20, decoy, (0, 0))] + real(self, *a, count=count, **k)[: count - 1])
+    return vol, lab, other, olab
+
+
+def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_and_cache, monkeypatch):
+    """The sweep's best slice is a look-alike (here: a small patch far from the ball); its propagated
+    structure is far smaller than the reference's, so the next candidate seeds instead."""
+    vol, lab, other, olab = _look_alike_first(monkeypatch)
     scans = []
     real_scan = Segmenter._localise
     monkeypatch.setattr(Segmenter, "_localise", lambda self, *a: scans.append(1) or real_scan(self, *a))
@@ -470,13 +477,7 @@ def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_a
 def test_best_seed_choice_keeps_the_candidate_that_looks_most_like_the_reference(model_and_cache, monkeypatch):
     """Both candidates lead to enough structure (min_volume_ratio 0): "first" keeps the look-alike the sweep
     ranked first, "best" propagates both and keeps the one whose slices look like the reference."""
-    vol, lab = phantom(n=24)
-    other, olab = phantom(shift=4, n=24)
-    decoy = np.zeros(get_slice(olab, 0).shape, bool)
-    decoy[10:14, 10:14] = True
-    real = Segmenter._sweep
-    monkeypatch.setattr(Segmenter, "_sweep", lambda self, *a, count=1, **k:
-                        [(20, decoy, (0, 0))] + real(self, *a, count=count, **k)[: count - 1])
+    vol, lab, other, olab = _look_alike_first(monkeypatch)
     found = {}
     for choice in ("first", "best"):
         seg = make(model_and_cache, min_volume_ratio=0.0, seed_choice=choice)

@@ -680,7 +680,6 @@ class Segmenter:
                 streak, provisional = 0, []  # present slices since the last absent one (not yet confirmed)
                 while 0 <= k < n and absent < cfg.stop_after_absent:
                     if k in masks and k not in seed_slices:
-                        provisional = []
                         break  # met another seed's propagation
                     if k in masks:
                         prev, k = masks[k], k + step
