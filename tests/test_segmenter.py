@@ -329,12 +329,13 @@ def test_slab_registration_finds_orientation_and_matches_slices_by_position():
     assert dice_3d(warped, fixed_lab) > 0.7
 
 
-def test_few_slice_target_in_another_orientation_is_found(model_and_cache):
+@pytest.mark.parametrize("placement", ["features", "intensity"])
+def test_few_slice_target_in_another_orientation_is_found(model_and_cache, placement):
     """ACDC-like: 8-slice volumes, the other patient flipped in-plane; the prior still finds the ball."""
     vol, lab = phantom(n=8)
     other, olab = phantom(shift=4, n=8)
     flipped = Volume(other.array[::-1].copy(), other.affine, modality="MR")
-    seg = make(model_and_cache)
+    seg = make(model_and_cache, slab_registration=placement)
     seg.add_reference(vol, 4, Annotation.from_mask(get_slice(lab, 4) == 1), name="ball")
     res = seg.segment(flipped)
     assert dice_3d(res.labels == 1, olab[::-1] == 1) > 0.6
@@ -384,13 +385,32 @@ def test_one_registration_per_reference_and_target_whatever_the_number_of_struct
     monkeypatch.setattr(registration, "register_slab", lambda *a, **k: calls.append(1) or real(*a, **k))
     vol, lab = phantom()
     other, _ = phantom(shift=5)
-    seg = make(model_and_cache)
+    seg = make(model_and_cache, slab_registration="intensity")
     seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
     seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 2), name="block")
     res = seg.segment(other)
     assert set(res.structures) == {"ball", "block"} and len(calls) == 1  # 14-slice phantoms: in-plane registration
     seg.segment(other)
     assert len(calls) == 1  # and again for the same pair: the transform is kept
+
+
+def test_feature_placement_encodes_each_reference_orientation_once(model_and_cache, monkeypatch):
+    """The default for few-slice stacks: the reference slice is encoded in its 8 orientations once, shared
+    by every structure annotated on it, and whole-image registration is not run."""
+    import vrpsam_med.engine.registration as registration
+
+    monkeypatch.setattr(registration, "register_slab", lambda *a, **k: pytest.fail("whole-image registration ran"))
+    vol, lab = phantom()
+    other, olab = phantom(shift=5)
+    seg = make(model_and_cache)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 2), name="block")
+    encoded = seg.cache.encoded
+    res = seg.segment(other)
+    assert len(seg._templates) == 8
+    assert dice_3d(res.labels == 1, olab == 1) > 0.6
+    seg.segment(other)
+    assert seg.cache.encoded - encoded <= 7 + other.shape[2]  # 7 turned reference slices + the target, once
 
 
 def test_registration_transform_setting_reaches_the_3d_registration(model_and_cache, monkeypatch):
@@ -486,6 +506,8 @@ def test_best_seed_choice_keeps_the_candidate_that_looks_most_like_the_reference
         found[choice] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1))
     assert found["first"][0] == [20] and found["first"][1] < 0.1
     assert found["best"][0] != [20] and found["best"][1] > 0.5
+    with pytest.raises(SegmenterError, match="slab_registration: expected features or intensity"):
+        make(model_and_cache, slab_registration="mi")
     with pytest.raises(SegmenterError, match="seed_choice: expected first or best"):
         make(model_and_cache, seed_choice="largest")
 

@@ -132,6 +132,9 @@ class SegmenterConfig:
     # moved onto the left ventricle). 0: no moves
     sweep_shift_mm: float = 25.0
     slab_max_slices: int = 16  # other volumes with at most this many slices: in-plane registration (see _warp_atlas)
+    # ... found by matching the reference's embedding around the structure ("features", engine/feature_match.py)
+    # or by registering the whole image ("intensity": Mattes MI, 8 orientations)
+    slab_registration: str = "features"
     # propagation: "intersect" re-decodes the neighbour's box mask from the box of its overlap with VRP's own mask,
     # so a structure can shrink toward its end (train: lifts the CHAOS MR liver, costs the spleen and the BTCV CT
     # liver); "candidate" makes that re-decoded mask a second candidate beside the box mask, the more confident one
@@ -278,6 +281,9 @@ class Segmenter:
             raise SegmenterError(f"confirm_after_absent: expected a whole number >= 1; got {confirm!r}")
         if self.config.seed_choice not in ("first", "best"):
             raise SegmenterError(f"seed_choice: expected first or best; got {self.config.seed_choice!r}")
+        if self.config.slab_registration not in ("features", "intensity"):
+            raise SegmenterError(f"slab_registration: expected features or intensity; "
+                                 f"got {self.config.slab_registration!r}")
         if self.config.seed_search not in ("sweep", "prior"):
             raise SegmenterError(f"seed_search: expected sweep or prior; got {self.config.seed_search!r}")
         if self.config.registration_transform not in TRANSFORMS:
@@ -289,6 +295,7 @@ class Segmenter:
         self._structures: dict[str, _Structure] = {}
         self._transforms: dict[tuple, object] = {} if registrations is None else registrations
         self._intensities: tuple[tuple, np.ndarray] | None = None  # (volume digest, preset) -> model intensities
+        self._templates: dict[tuple, torch.Tensor] = {}  # (volume digest, slice, orientation, axis, preset) -> emb
 
     # -- references -------------------------------------------------------------------------
     @property
@@ -835,7 +842,7 @@ class Segmenter:
         if st.atlas is None:
             st.atlas = self._segment_structure(st, ref_vol, preset, None, should_stop)[1]
         try:
-            warped = self._warp_atlas(st.atlas, ref_vol, volume, ax, preset)
+            warped = self._warp_atlas(st.atlas, ref_vol, volume, ax, preset, st.references[0][2])
         except RuntimeError as exc:  # SimpleITK could not register (e.g. a few-slice scan): no prior
             log.warning("%s: registration failed (%s); localising by scanning instead", volume.name,
                         str(exc).strip().splitlines()[-1][:200])
@@ -859,14 +866,16 @@ class Segmenter:
         return [([(j, mask)], _shift_inplane(_shift(warped, j - k, ax), offset, ax))
                 for j, mask, offset in found] or None
 
-    def _warp_atlas(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None
-                    ) -> np.ndarray:
+    def _warp_atlas(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None,
+                    reference_slice: int | None = None) -> np.ndarray:
         """``atlas`` (a bool volume on ``ref_vol``'s grid) warped onto ``volume`` (bool, its grid).
 
         3D registration (``registration_transform``), except for few-slice stacks (cine MR short axis:
         6-10 thick slices, often with a lost slice spacing), where a transform along the slice axis cannot
-        be fitted: those are registered in-plane (in any of the 8 orientations) and matched slice to slice
-        by relative position along the stack (ACDC train pairs: docs/vrp.md).
+        be fitted: those are placed in-plane (in any of the 8 orientations) and matched slice to slice
+        by relative position along the stack (ACDC train pairs: docs/vrp.md). ``slab_registration``
+        "features" places the structure by matching the embedding around it on ``reference_slice``
+        (engine/feature_match.py); "intensity" registers the whole image.
         """
         from vrpsam_med.engine.registration import (
             propagate_labels,
@@ -886,6 +895,12 @@ class Segmenter:
 
         def stack(a: np.ndarray) -> np.ndarray:
             return np.stack([get_slice(a, k, ax) for k in range(a.shape[ax])])
+        if self.config.slab_registration == "features" and reference_slice is not None:
+            slices = self._match_slab(stack(atlas), ref_vol, volume, ax, preset, reference_slice)
+            warped = np.zeros(volume.shape, bool)
+            for k, sl in enumerate(slices):
+                set_slice(warped, k, sl, ax)
+            return warped
         target = stack(model_intensities(volume, preset))
         if key not in self._transforms:
             self._transforms[key] = register_slab(target, stack(model_intensities(ref_vol, preset)))
@@ -895,6 +910,25 @@ class Segmenter:
         for k, sl in enumerate(slices):
             set_slice(warped, k, sl > 0, ax)
         return warped
+
+    def _match_slab(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None,
+                    reference_slice: int) -> np.ndarray:
+        """(S_r, H_r, W_r) shown atlas slices placed onto ``volume``'s slices by embedding template matching."""
+        from vrpsam_med.engine.feature_match import match_stack, oriented_volume, warp_stack
+
+        def template(i: int) -> torch.Tensor:
+            key = (ref_vol.digest(), reference_slice, i, ax, preset)
+            if key not in self._templates:
+                turned = ref_vol if i == 0 else oriented_volume(ref_vol, i, ax)
+                self._templates[key] = self.cache.get(turned, [reference_slice], ax, preset)[0]
+            return self._templates[key]
+        n = volume.shape[ax]
+        shape = slice_shape(volume.shape, ax)
+        target = self.cache.get(volume, list(range(n)), ax, preset)
+        match = match_stack(target, template, atlas[reference_slice], shape, reference_slice, atlas.shape[0])
+        log.info("%s: reference placed on slice %d, orientation %d, zoom %.2f (match %.2f)", volume.name,
+                 match.slice, match.orientation, match.zoom, match.score)
+        return warp_stack(atlas, match, reference_slice, (n, *shape))
 
     def _sweep(self, st: _Structure, volume: Volume, prior: np.ndarray, shape, ax, preset,
                should_stop: Callable[[], bool] | None, first: int | None = None, count: int = 1,
