@@ -42,11 +42,12 @@ def test_match_refuses_an_empty_reference():
                     (64, 64), 1, 3)
 
 
+@pytest.mark.parametrize("axis", [0, 1, 2])
 @pytest.mark.parametrize("i", range(8))
-def test_oriented_volume_shows_its_slices_turned(i):
-    arr = np.random.default_rng(1).normal(size=(6, 9, 3)).astype(np.float32)
+def test_oriented_volume_shows_its_slices_turned(i, axis):
+    arr = np.random.default_rng(1).normal(size=(6, 9, 4)).astype(np.float32)
     vol = Volume(arr, np.diag([1.0, 1.0, 5.0, 1.0]), modality="MR")
-    turned = oriented_volume(vol, i, 2)
-    for k in range(3):
-        np.testing.assert_array_equal(get_slice(turned.array, k, 2), dihedral(get_slice(arr, k, 2), i))
+    turned = oriented_volume(vol, i, axis)
+    for k in range(arr.shape[axis]):
+        np.testing.assert_array_equal(get_slice(turned.array, k, axis), dihedral(get_slice(arr, k, axis), i))
     assert turned.modality == "MR" and (i == 0) == (turned.digest() == vol.digest())

@@ -19,7 +19,10 @@ How a structure is found in a volume:
    body axis); the sweep's best slices seed in turn until one leads to enough structure (or, with
    ``seed_choice="best"``, the result that looks most like the reference is kept). With
    ``localisation="scan"`` VRP-SAM is run on every ``scan_stride``-th slice, then on the neighbours
-   of the best hit; the most confident slice seeds.
+   of the best hit; the most confident slice seeds. Few-slice stacks (cine MR short axis, at most
+   ``slab_max_slices``) are not registered in 3D: the reference slice's embedding around the structure
+   is matched against the target's slices in 8 orientations and a few scales (``slab_registration=
+   "features"``, engine/feature_match.py), and the structure's slices follow by relative position.
 2. **Propagation.** From each seed outward in both directions, slice by slice: the neighbour's mask
    gives a box prompt (LiteMedSAM's strongest prompt); the slice is "present" while the mask's
    embedding prototype looks like the reference's foreground and not like its background (cosine
