@@ -405,6 +405,7 @@ def test_feature_placement_encodes_each_reference_orientation_once(model_and_cac
     seg = make(model_and_cache)
     seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
     seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 2), name="block")
+    seg.segment(vol)  # the reference volume's own slices are encoded here
     encoded = seg.cache.encoded
     res = seg.segment(other)
     assert len(seg._templates) == 8

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import SimpleITK as sitk
 
+from vrpsam_med.engine.feature_match import dihedral as _dihedral
 from vrpsam_med.io.intensity import model_intensities
 from vrpsam_med.io.volume import Volume
 
@@ -122,12 +123,6 @@ def propagate_labels(fixed: Volume, moving: Volume, moving_labels: np.ndarray, t
 
 
 # -- few-slice stacks (cine MR short axis, thick-slice scans) ---------------------------------------
-def _dihedral(a: np.ndarray, i: int) -> np.ndarray:
-    """One of the 8 rotations / flips of the last two axes (``i`` in 0..7)."""
-    a = np.rot90(a, i % 4, axes=(-2, -1))
-    return np.flip(a, -1) if i >= 4 else a
-
-
 def _slab_image(stack: np.ndarray) -> sitk.Image:
     """(S, H, W) slices -> the 2D mean of the middle half of the stack, in pixel units."""
     s = stack.shape[0]
