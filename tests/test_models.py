@@ -109,7 +109,9 @@ def test_bf16_matmul_probe_measures_a_positive_speed_ratio():
     from vrpsam_med.models.backbones import _bf16_matmul_speedup
 
     ratio = _bf16_matmul_speedup.__wrapped__(n=256, repeats=2)
-    assert 0.01 < ratio < 100
+    # a ratio of two timings: positive and finite; its size depends on the CPU and its load (one AMX run
+    # under load measured 101 for these small matrices), so no upper bound is asserted
+    assert isinstance(ratio, float) and 0 < ratio < float("inf")
 
 
 def test_checkpoint_errors(tmp_path):
