@@ -66,12 +66,20 @@ def test_gt_box_upper_bound_is_high_and_protocol_shapes_hold(tmp_path, cache, pr
         assert all("hd95_mm" in r and "empty_slices_with_false_mask" in r for r in res.per_case)
 
 
-def test_registration_baseline_propagates_the_atlas_label(tmp_path, cache):
-    ds = MSDDataset.open(make_msd(tmp_path / "d"))
+@pytest.mark.parametrize("slices", [9, 20])  # a few-slice stack (registered in-plane) and a 3D volume
+def test_registration_baseline_propagates_the_atlas_label(tmp_path, cache, monkeypatch, slices):
+    import vrpsam_med.engine.registration as registration
+
+    used = []
+    for name in ("register", "register_slab"):
+        real = getattr(registration, name)
+        monkeypatch.setattr(registration, name, lambda *a, _r=real, _n=name, **k: used.append(_n) or _r(*a, **k))
+    ds = MSDDataset.open(make_msd(tmp_path / "d", shape=(64, 64, slices)))
     res = evaluate(ds, EvalConfig(protocol="fewshot", method="registration", labels=["ball"]), cache)
     assert res.mean_dice > 0.8, res.per_label
     vol = evaluate(ds, EvalConfig(protocol="volume", method="registration", labels=["box"]), cache)
     assert not any(r["same_patient"] for r in vol.per_case) and len(vol.per_case) == 6
+    assert set(used) == {"register_slab" if slices <= 16 else "register"}
 
 
 def test_evaluate_cli_writes_the_json_contract(tmp_path):

@@ -15,9 +15,9 @@ the engine segments the query volume from it and the chunk's slices are scored; 
 and query scans' unlabelled slices, never another label), ``gt_box`` (ground-truth box per slice:
 upper bound), ``prototype`` (training-free: cosine similarity to the reference prototype -> box -> SAM),
 ``registration`` (the classic atlas method: affine SimpleITK registration of the support volume to
-the query, its *whole* label of the structure warped onto the query; more supervision than one slice,
-so it is a reference point, not a 1-shot method; in the volume protocol it is run for other patients
-only).
+the query, in-plane for few-slice stacks, its *whole* label of the structure warped onto the query;
+more supervision than one slice, so it is a reference point, not a 1-shot method; in the volume
+protocol it is run for other patients only).
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.prompts import mask_box, simulate
 
 METHODS = ("vrp", "engine", "gt_box", "prototype", "registration")
+SLAB_MAX_SLICES = 16  # the registration baseline registers stacks of at most this many slices in-plane
 PROTOCOLS = ("fewshot", "volume")
 
 
@@ -87,13 +88,36 @@ class _Segmenters:
         self._engines: dict[tuple, object] = {}
 
     def atlas(self, svol: Volume, slab: np.ndarray, qvol: Volume, value: int) -> np.ndarray:
-        """Registration baseline: the support's label of ``value`` warped onto the query grid (bool)."""
-        from vrpsam_med.engine.registration import propagate_labels, register
+        """Registration baseline: the support's label of ``value`` warped onto the query grid (bool).
+
+        3D affine registration; few-slice stacks (at most ``SLAB_MAX_SLICES``, e.g. cine MR short axis,
+        where a transform along the slice axis cannot be fitted) are registered in-plane instead, in the
+        best of 8 orientations, slices matched by relative position (engine/registration.py).
+        """
+        from vrpsam_med.engine.registration import (
+            propagate_labels,
+            propagate_slab_labels,
+            register,
+            register_slab,
+        )
+        from vrpsam_med.io.intensity import model_intensities
 
         key = (svol.digest(), qvol.digest())
+        if min(svol.shape[2], qvol.shape[2]) > SLAB_MAX_SLICES:
+            if key not in self._transforms:
+                self._transforms[key] = register(qvol, svol)
+            return propagate_labels(qvol, svol, (slab == value).astype(np.int16), self._transforms[key]) > 0
+
+        def stack(a: np.ndarray) -> np.ndarray:
+            return np.stack([get_slice(a, k) for k in range(a.shape[2])])
+        target = stack(model_intensities(qvol))
         if key not in self._transforms:
-            self._transforms[key] = register(qvol, svol)
-        return propagate_labels(qvol, svol, (slab == value).astype(np.int16), self._transforms[key]) > 0
+            self._transforms[key] = register_slab(target, stack(model_intensities(svol)))
+        warped = propagate_slab_labels(target.shape, stack((slab == value).astype(np.int16)), *self._transforms[key])
+        out = np.zeros(qvol.shape, bool)
+        for k, sl in enumerate(warped):
+            set_slice(out, k, sl > 0)
+        return out
 
     def engine(self, svol: Volume, sk: int, mask2d: np.ndarray, qvol: Volume, kind: str, rng
                ) -> tuple[np.ndarray, dict]:
