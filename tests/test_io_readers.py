@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from vrpsam_med.io import Volume, VolumeError, get_slice, list_dicom_series, load_volume, set_slice, volume_info
+from vrpsam_med.io.volume import from_shown_slices, shown_slices
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -206,6 +207,9 @@ def test_get_set_slice_inverse_on_loaded_volume(tmp_path: Path, axis: str) -> No
     for i in range(v.num_slices(axis)):
         set_slice(out, i, get_slice(v.array, i, axis), axis)
     assert np.array_equal(out, v.array)
+    shown = shown_slices(v.array, axis)
+    assert shown.shape[0] == v.num_slices(axis) and np.array_equal(shown[0], get_slice(v.array, 0, axis))
+    assert np.array_equal(from_shown_slices(shown, axis), v.array)
 
 
 @pytest.mark.parametrize("ext", [".nrrd", ".mha"])

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from vrpsam_med.io.volume import Volume, get_slice, set_slice
+from vrpsam_med.io.volume import Volume, from_shown_slices, shown_slices
 
 GRID = 64  # the image encoder's embedding grid (cells per side)
 
@@ -43,13 +43,7 @@ def dihedral(a: np.ndarray, i: int) -> np.ndarray:
 
 def oriented_volume(volume: Volume, i: int, axis: int) -> Volume:
     """``volume`` with every slice along ``axis`` shown in dihedral orientation ``i`` (for re-encoding)."""
-    turned = [dihedral(get_slice(volume.array, k, axis), i) for k in range(volume.shape[axis])]
-    rows, cols = turned[0].shape
-    shape = [cols, rows]  # the two in-plane axes in array order show as (rows, cols) = (second, first)
-    shape.insert(axis, volume.shape[axis])
-    raw = np.zeros(shape, volume.array.dtype)
-    for k, sl in enumerate(turned):
-        set_slice(raw, k, sl, axis)
+    raw = from_shown_slices(dihedral(shown_slices(volume.array, axis), i), axis)
     return replace(volume, array=raw, source=None, _digest=None, meta=dict(volume.meta))
 
 

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 
 from vrpsam_med.engine.feature_match import dihedral as _dihedral
 from vrpsam_med.io.intensity import model_intensities
-from vrpsam_med.io.volume import Volume
+from vrpsam_med.io.volume import Volume, from_shown_slices, shown_slices, slice_shape
 
 REGISTRATION_THREADS: int | None = 1
 
@@ -176,3 +176,19 @@ def propagate_slab_labels(fixed_shape: tuple[int, int, int], moving_labels: np.n
         lab = sitk.GetImageFromArray(np.ascontiguousarray(_dihedral(moving_labels[j], orientation), dtype=np.int16))
         out[k] = sitk.GetArrayFromImage(sitk.Resample(lab, ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt16))
     return out
+
+
+def register_slab_volumes(fixed: Volume, moving: Volume, axis: int = 2, preset: str | None = None
+                          ) -> tuple[int, sitk.Transform]:
+    """:func:`register_slab` on two volumes' slices along ``axis``, in model intensities."""
+    return register_slab(shown_slices(model_intensities(fixed, preset), axis),
+                         shown_slices(model_intensities(moving, preset), axis))
+
+
+def propagate_slab_volume(fixed: Volume, moving_labels: np.ndarray, transform: tuple[int, sitk.Transform],
+                          axis: int = 2) -> np.ndarray:
+    """``moving_labels`` (bool or int, on the moving volume's grid) -> bool on ``fixed``'s grid, with the
+    (orientation, 2D transform) of :func:`register_slab_volumes`."""
+    shape = (fixed.shape[axis], *slice_shape(fixed.shape, axis))
+    slices = propagate_slab_labels(shape, shown_slices(moving_labels.astype(np.int16), axis), *transform)
+    return from_shown_slices(slices > 0, axis)

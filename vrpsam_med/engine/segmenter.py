@@ -61,7 +61,15 @@ from vrpsam_med.engine import model_settings, stop_rule
 from vrpsam_med.engine.reference import Reference, make_reference
 from vrpsam_med.engine.ring import WallIntensity, adaptive_wall, fixed_wall
 from vrpsam_med.errors import UsageError
-from vrpsam_med.io.volume import Volume, axis_index, get_slice, set_slice, slice_shape
+from vrpsam_med.io.volume import (
+    Volume,
+    axis_index,
+    from_shown_slices,
+    get_slice,
+    set_slice,
+    shown_slices,
+    slice_shape,
+)
 from vrpsam_med.models.backbones import SliceGeometry
 from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.models.vrp import VRPSAM
@@ -870,7 +878,7 @@ class Segmenter:
                 for j, mask, offset in found] or None
 
     def _warp_atlas(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None,
-                    reference_slice: int | None = None) -> np.ndarray:
+                    reference_slice: int) -> np.ndarray:
         """``atlas`` (a bool volume on ``ref_vol``'s grid) warped onto ``volume`` (bool, its grid).
 
         3D registration (``registration_transform``), except for few-slice stacks (cine MR short axis:
@@ -882,11 +890,10 @@ class Segmenter:
         """
         from vrpsam_med.engine.registration import (
             propagate_labels,
-            propagate_slab_labels,
+            propagate_slab_volume,
             register,
-            register_slab,
+            register_slab_volumes,
         )
-        from vrpsam_med.io.intensity import model_intensities
 
         # one registration per (reference volume, target) pair, shared by every structure segmented in it
         key = (ref_vol.digest(), volume.digest(), ax, preset)
@@ -895,24 +902,12 @@ class Segmenter:
             if key not in self._transforms:
                 self._transforms[key] = register(volume, ref_vol, transform=self.config.registration_transform)
             return propagate_labels(volume, ref_vol, atlas.astype(np.int16), self._transforms[key]) > 0
-
-        def stack(a: np.ndarray) -> np.ndarray:
-            return np.stack([get_slice(a, k, ax) for k in range(a.shape[ax])])
-        if self.config.slab_registration == "features" and reference_slice is not None:
-            slices = self._match_slab(stack(atlas), ref_vol, volume, ax, preset, reference_slice)
-            warped = np.zeros(volume.shape, bool)
-            for k, sl in enumerate(slices):
-                set_slice(warped, k, sl, ax)
-            return warped
-        target = stack(model_intensities(volume, preset))
+        if self.config.slab_registration == "features":
+            return from_shown_slices(self._match_slab(shown_slices(atlas, ax), ref_vol, volume, ax, preset,
+                                                      reference_slice), ax)
         if key not in self._transforms:
-            self._transforms[key] = register_slab(target, stack(model_intensities(ref_vol, preset)))
-        orientation, tx = self._transforms[key]
-        slices = propagate_slab_labels(target.shape, stack(atlas.astype(np.int16)), orientation, tx)
-        warped = np.zeros(volume.shape, bool)
-        for k, sl in enumerate(slices):
-            set_slice(warped, k, sl > 0, ax)
-        return warped
+            self._transforms[key] = register_slab_volumes(volume, ref_vol, ax, preset)
+        return propagate_slab_volume(volume, atlas, self._transforms[key], ax)
 
     def _match_slab(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None,
                     reference_slice: int) -> np.ndarray:

@@ -42,7 +42,6 @@ from vrpsam_med.models.cache import EmbeddingCache
 from vrpsam_med.prompts import mask_box, simulate
 
 METHODS = ("vrp", "engine", "gt_box", "prototype", "registration")
-SLAB_MAX_SLICES = 16  # the registration baseline registers stacks of at most this many slices in-plane
 PROTOCOLS = ("fewshot", "volume")
 
 
@@ -90,34 +89,25 @@ class _Segmenters:
     def atlas(self, svol: Volume, slab: np.ndarray, qvol: Volume, value: int) -> np.ndarray:
         """Registration baseline: the support's label of ``value`` warped onto the query grid (bool).
 
-        3D affine registration; few-slice stacks (at most ``SLAB_MAX_SLICES``, e.g. cine MR short axis,
-        where a transform along the slice axis cannot be fitted) are registered in-plane instead, in the
-        best of 8 orientations, slices matched by relative position (engine/registration.py).
+        3D affine registration; few-slice stacks (the engine's ``slab_max_slices``, e.g. cine MR short
+        axis, where a transform along the slice axis cannot be fitted) are registered in-plane instead, in
+        the best of 8 orientations, slices matched by relative position (engine/registration.py).
         """
         from vrpsam_med.engine.registration import (
             propagate_labels,
-            propagate_slab_labels,
+            propagate_slab_volume,
             register,
-            register_slab,
+            register_slab_volumes,
         )
-        from vrpsam_med.io.intensity import model_intensities
+        from vrpsam_med.engine.segmenter import SegmenterConfig
 
         key = (svol.digest(), qvol.digest())
-        if min(svol.shape[2], qvol.shape[2]) > SLAB_MAX_SLICES:
-            if key not in self._transforms:
-                self._transforms[key] = register(qvol, svol)
-            return propagate_labels(qvol, svol, (slab == value).astype(np.int16), self._transforms[key]) > 0
-
-        def stack(a: np.ndarray) -> np.ndarray:
-            return np.stack([get_slice(a, k) for k in range(a.shape[2])])
-        target = stack(model_intensities(qvol))
+        slab_stacks = min(svol.shape[2], qvol.shape[2]) <= SegmenterConfig.slab_max_slices
         if key not in self._transforms:
-            self._transforms[key] = register_slab(target, stack(model_intensities(svol)))
-        warped = propagate_slab_labels(target.shape, stack((slab == value).astype(np.int16)), *self._transforms[key])
-        out = np.zeros(qvol.shape, bool)
-        for k, sl in enumerate(warped):
-            set_slice(out, k, sl > 0)
-        return out
+            self._transforms[key] = register_slab_volumes(qvol, svol) if slab_stacks else register(qvol, svol)
+        if slab_stacks:
+            return propagate_slab_volume(qvol, slab == value, self._transforms[key])
+        return propagate_labels(qvol, svol, (slab == value).astype(np.int16), self._transforms[key]) > 0
 
     def engine(self, svol: Volume, sk: int, mask2d: np.ndarray, qvol: Volume, kind: str, rng
                ) -> tuple[np.ndarray, dict]:

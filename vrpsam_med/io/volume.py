@@ -127,6 +127,23 @@ def set_slice(array: np.ndarray, index: int, values: np.ndarray, axis: str | int
         array[index, :, :] = values[::-1, :].T
 
 
+def shown_slices(array: np.ndarray, axis: str | int = "axial") -> np.ndarray:
+    """Every slice along ``axis`` in display orientation: (S, rows, cols)."""
+    ax = axis_index(axis)
+    return np.stack([get_slice(array, k, ax) for k in range(array.shape[ax])])
+
+
+def from_shown_slices(slices: np.ndarray, axis: str | int = "axial") -> np.ndarray:
+    """Inverse of :func:`shown_slices`: (S, rows, cols) display slices -> the LPS-ordered array."""
+    ax = axis_index(axis)
+    shape = [slices.shape[2], slices.shape[1]]  # in-plane axes in array order show as (second, first)
+    shape.insert(ax, slices.shape[0])
+    out = np.zeros(shape, slices.dtype)
+    for k, sl in enumerate(slices):
+        set_slice(out, k, sl, ax)
+    return out
+
+
 def slice_shape(shape: tuple[int, int, int], axis: str | int = "axial") -> tuple[int, int]:
     """Display (rows, cols) of slices along ``axis`` for a volume of ``shape``."""
     ax = axis_index(axis)
