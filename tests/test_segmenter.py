@@ -414,6 +414,23 @@ def test_feature_placement_encodes_each_reference_orientation_once(model_and_cac
     assert seg.cache.encoded - encoded <= 7 + other.shape[2]  # 7 turned reference slices + the target, once
 
 
+def test_a_stack_where_the_structure_cannot_be_placed_is_scanned_instead(model_and_cache, monkeypatch, caplog):
+    import vrpsam_med.engine.feature_match as feature_match
+
+    def refuse(*a, **k):
+        raise ValueError("the reference structure is too large or too small to match")
+    monkeypatch.setattr(feature_match, "match_stack", refuse)
+    vol, lab = phantom(n=8)
+    other, olab = phantom(shift=4, n=8)
+    seg = make(model_and_cache)
+    seg.add_reference(vol, 4, Annotation.from_mask(get_slice(lab, 4) == 1), name="ball")
+    with caplog.at_level("WARNING"):
+        res = seg.segment(other)
+    # a warning and VRP's own scan (which finds nothing that looks right in this phantom), not an exception
+    assert "structure placement failed" in caplog.text and "scanning instead" in caplog.text
+    assert "ball" in res.structures and res.labels.shape == olab.shape
+
+
 def test_registration_transform_setting_reaches_the_3d_registration(model_and_cache, monkeypatch):
     import vrpsam_med.engine.registration as registration
 

@@ -923,7 +923,10 @@ class Segmenter:
         n = volume.shape[ax]
         shape = slice_shape(volume.shape, ax)
         target = self.cache.get(volume, list(range(n)), ax, preset)
-        match = match_stack(target, template, atlas[reference_slice], shape, reference_slice, atlas.shape[0])
+        try:
+            match = match_stack(target, template, atlas[reference_slice], shape, reference_slice, atlas.shape[0])
+        except ValueError as exc:  # e.g. a structure too large to place: the caller localises by scanning
+            raise RuntimeError(f"structure placement failed: {exc}") from None
         log.info("%s: reference placed on slice %d, orientation %d, zoom %.2f (match %.2f)", volume.name,
                  match.slice, match.orientation, match.zoom, match.score)
         return warp_stack(atlas, match, reference_slice, (n, *shape))
