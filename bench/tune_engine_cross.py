@@ -9,7 +9,8 @@ patients: reference = the structure's largest slice in one, target = the other's
 (registration prior). Per variant and structure: mean 3D Dice and the share of slices without the
 structure that got a mask. ``VERBOSE=1`` also prints every pair: seeds, seed-slice Dice, 3D Dice,
 and the slice range of the structure and of the prediction. ``MODEL=RUN_DIR`` uses a fine-tuned model;
-``PAIRS=0-3,1-2`` keeps only those (reference, target) pairs.
+``PAIRS=0-3,1-2`` keeps only those (reference, target) pairs. ``JOINT=1`` segments the structures
+together (one Segmenter per reference patient), so few-slice stacks get one joint placement.
 """
 import os
 import sys
@@ -42,6 +43,9 @@ def main() -> None:
     for spec in variants:
         t, res = time.perf_counter(), {}
         for ri, (rvol, rlab) in enumerate(loaded):
+            if os.environ.get("JOINT"):
+                joint(ds, spec, model, cache, ri, rvol, rlab, loaded, structures, pairs, res)
+                continue
             for s in structures:
                 v = ds.label_value(s)
                 if not (rlab == v).any():
@@ -62,6 +66,28 @@ def main() -> None:
                               _extent(pred), flush=True)
                     res.setdefault(s, []).append(score(pred, gt))
         print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summarise(res), flush=True)
+
+
+def joint(ds: MSDDataset, spec: str, model, cache, ri: int, rvol, rlab, loaded, structures, pairs, res) -> None:
+    """JOINT=1: every structure annotated on its own largest slice of the reference patient, all in one
+    Segmenter, segmented together in each target (as a cohort run with several labels)."""
+    seg = Segmenter(model, cache=cache, config=config(spec))
+    for s in structures:
+        v = ds.label_value(s)
+        if (rlab == v).any():
+            k = int(np.argmax((rlab == v).sum((0, 1))))
+            seg.add_reference(rvol, k, Annotation.from_mask(get_slice(rlab, k) == v), name=s)
+    for ti, (tvol, tlab) in enumerate(loaded):
+        if ti == ri or (pairs and f"{ri}-{ti}" not in pairs):
+            continue
+        out = seg.segment(tvol)
+        for s, st in out.structures.items():
+            gt = tlab == ds.label_value(s)
+            if gt.any():
+                pred = out.labels == st.value
+                if os.environ.get("VERBOSE"):
+                    print(spec, ri, ti, s, "seeds", st.seeds, "Dice", round(dice_3d(pred, gt), 3), flush=True)
+                res.setdefault(s, []).append(score(pred, gt))
 
 
 def first_volumes(ds: MSDDataset, n: int) -> list:

@@ -145,6 +145,18 @@ def test_cleanup_closes_gaps_and_drops_components_away_from_the_seeds():
     assert not out[15:18, 15:18].any()  # blob not touching the seed's component dropped
 
 
+def test_cleanup_keeps_a_ring_that_shrinks_inside_its_neighbours_cavity():
+    """Myocardium toward the apex: the next slice's ring lies inside this slice's cavity (no voxel touches)."""
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    m = np.zeros((40, 40, 6), bool)
+    for k in range(1, 4):
+        m[..., k] = (r >= 10) & (r < 14)
+    m[..., 4] = (r >= 4) & (r < 8)  # apex: smaller than the cavity above
+    out = Segmenter._cleanup(m, seeds=[2], ax=2)
+    assert (out[..., 4] == m[..., 4]).all() and not out[20, 20].any()  # kept, and no cavity filled in
+
+
 def test_bad_use_is_refused_with_clear_errors(model_and_cache):
     vol, lab = phantom()
     seg = make(model_and_cache)
