@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from vrpsam_med.engine.segmenter import Cancelled, Segmenter, SegmenterConfig, SegmenterError
 from vrpsam_med.evaluation.metrics import dice_3d
@@ -503,6 +504,25 @@ def _look_alike_first(monkeypatch) -> tuple[Volume, np.ndarray, Volume, np.ndarr
     return vol, lab, other, olab
 
 
+@pytest.mark.parametrize("sigma, expected", [(None, 20), (40.0, 6), (1000.0, 20)])
+def test_sweep_prior_weight_prefers_slices_near_the_prior(model_and_cache, monkeypatch, sigma, expected):
+    """Slice 20 scores 0.9 and slice 6 (the prior's slice) 0.8: unweighted, the far look-alike wins; with a
+    40 mm weight (14 slices x 4 mm = 56 mm: x 0.38) the slice near the prior wins; a wide one changes nothing."""
+    vol, lab = phantom(n=24)
+    seg = make(model_and_cache, sweep_prior_sigma_mm=sigma)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    st = seg._structures["ball"]
+    prior = get_slice(lab, 6) == 1
+    value = {20: 0.9, 6: 0.8}
+    monkeypatch.setattr(seg.cache, "get", lambda volume, idx, *a: torch.tensor(idx, dtype=torch.float32)
+                        .view(-1, 1, 1, 1))
+    monkeypatch.setattr(seg, "_box_decode", lambda e, boxes, shape: (
+        np.stack([prior] * len(boxes)), np.full(len(boxes), value.get(int(e[0, 0, 0, 0]), 0.1))))
+    monkeypatch.setattr(seg, "_looks_like", lambda st, e, mask: (True, 1.0))
+    found = seg._sweep(st, vol, prior, prior.shape, 2, None, None, first=6)
+    assert vol.spacing[2] == 4.0 and [j for j, _, _ in found] == [expected]
+
+
 def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_and_cache, monkeypatch):
     """The sweep's best slice is a look-alike (here: a small patch far from the ball); its propagated
     structure is far smaller than the reference's, so the next candidate seeds instead."""
@@ -538,6 +558,8 @@ def test_best_seed_choice_keeps_the_candidate_that_looks_most_like_the_reference
     assert found["best"][0] != [20] and found["best"][1] > 0.5
     with pytest.raises(SegmenterError, match="slab_registration: expected features or intensity"):
         make(model_and_cache, slab_registration="mi")
+    with pytest.raises(SegmenterError, match="sweep_prior_sigma_mm: expected a distance in mm > 0 or None"):
+        make(model_and_cache, sweep_prior_sigma_mm=0)
     with pytest.raises(SegmenterError, match="seed_choice: expected first or best"):
         make(model_and_cache, seed_choice="largest")
 
