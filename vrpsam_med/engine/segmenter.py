@@ -143,8 +143,8 @@ class SegmenterConfig:
     # moved onto the left ventricle). 0: no moves
     sweep_shift_mm: float = 25.0
     # the sweep ranks slices by score x exp(-d^2 / 2 sigma^2), d = mm from the prior's largest slice (None: no weight).
-    # Train pairs at 80 mm: CHAOS mean +0.04, BTCV right kidney +0.18 but left kidney -0.15 (two pairs whose prior
-    # was off along the axis now seed beside the kidney); not the default yet (docs/vrp.md)
+    # Train pairs at 80 mm: CHAOS mean of 4 organs +0.04, BTCV -0.04 (right kidney +0.18, but the spleen and left
+    # kidney seed past the organ in the pairs whose prior is off along the axis); off (docs/vrp.md)
     sweep_prior_sigma_mm: float | None = None
     slab_max_slices: int = 16  # other volumes with at most this many slices: in-plane registration (see _warp_atlas)
     # ... found by matching the reference's embedding around the structure ("features", engine/feature_match.py)
