@@ -50,9 +50,8 @@ def main() -> None:
                 v = ds.label_value(s)
                 if not (rlab == v).any():
                     continue
-                k = int(np.argmax((rlab == v).sum((0, 1))))
                 seg = Segmenter(model, cache=cache, config=config(spec))
-                seg.add_reference(rvol, k, Annotation.from_mask(get_slice(rlab, k) == v), name=s)
+                seg.add_reference(rvol, *largest_slice(rlab, v), name=s)
                 for ti, (tvol, tlab) in enumerate(loaded):
                     if ti == ri or not (tlab == v).any() or (pairs and f"{ri}-{ti}" not in pairs):
                         continue
@@ -75,8 +74,7 @@ def joint(ds: MSDDataset, spec: str, model, cache, ri: int, rvol, rlab, loaded, 
     for s in structures:
         v = ds.label_value(s)
         if (rlab == v).any():
-            k = int(np.argmax((rlab == v).sum((0, 1))))
-            seg.add_reference(rvol, k, Annotation.from_mask(get_slice(rlab, k) == v), name=s)
+            seg.add_reference(rvol, *largest_slice(rlab, v), name=s)
     for ti, (tvol, tlab) in enumerate(loaded):
         if ti == ri or (pairs and f"{ri}-{ti}" not in pairs):
             continue
@@ -88,6 +86,12 @@ def joint(ds: MSDDataset, spec: str, model, cache, ri: int, rvol, rlab, loaded, 
                 if os.environ.get("VERBOSE"):
                     print(spec, ri, ti, s, "seeds", st.seeds, "Dice", round(dice_3d(pred, gt), 3), flush=True)
                 res.setdefault(s, []).append(score(pred, gt))
+
+
+def largest_slice(labels: np.ndarray, value: int) -> tuple[int, Annotation]:
+    """The axial slice where ``value`` is largest, and its mask as the reference annotation."""
+    k = int(np.argmax((labels == value).sum((0, 1))))
+    return k, Annotation.from_mask(get_slice(labels, k) == value)
 
 
 def first_volumes(ds: MSDDataset, n: int) -> list:

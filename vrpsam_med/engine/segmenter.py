@@ -1016,7 +1016,7 @@ class Segmenter:
         size = [1, 1, 1]
         size[ax] = 3
         closed = ndimage.binary_closing(mask3d, structure=np.ones(size, bool), iterations=1) | mask3d
-        filled = from_shown_slices(np.stack([ndimage.binary_fill_holes(m) for m in shown_slices(closed, ax)]), ax)
+        filled = np.moveaxis(np.stack([ndimage.binary_fill_holes(m) for m in np.moveaxis(closed, ax, 0)]), 0, ax)
         lab, num = ndimage.label(filled)
         if num <= 1:
             return closed
