@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from vrpsam_med.engine.segmenter import Cancelled, Segmenter, SegmenterConfig, SegmenterError
 from vrpsam_med.evaluation.metrics import dice_3d
@@ -236,6 +237,27 @@ def test_ring_walls_follow_the_image_where_their_thickness_changes(model_and_cac
         seg.add_reference(vol, 5, Annotation.from_mask(get_slice(lab, 5) == 1), name="wall")
         dice[adaptive] = dice_3d(seg.segment(vol).labels == 1, lab == 1)
     assert dice[True] > dice[False] + 0.03, dice
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_an_outer_mask_that_is_the_cavity_gets_a_wall_around_it(model_and_cache, monkeypatch, check):
+    """SAM gives back the whole cavity for the outer box and a part of it for the hole box (ACDC): the band
+    between them is cavity, not wall. With ``ring_cavity_check`` the wall is built around the outer mask."""
+    vol, lab = ring_phantom()
+    seg = make(model_and_cache, ring_cavity_check=check)
+    seg.add_reference(vol, 5, Annotation.from_mask(get_slice(lab, 5) == 1), name="wall")
+    st = seg._structures["wall"]
+    cavity, wall = get_slice(lab, 4) == 2, get_slice(lab, 4) == 1
+    part = ndimage.binary_erosion(cavity, iterations=5)  # well under 1 / ring_outer_ratio of the cavity
+    monkeypatch.setattr(seg, "_box_decode", lambda e, boxes, shape: (np.stack([cavity, part]), np.array([0.9, 0.8])))
+    emb = seg.cache.get(vol, [4], 2, None)
+    mask, _ = seg._decode_like(st, emb, get_slice(lab, 5) == 1, cavity.shape,
+                               image=seg._ring_image(st, vol, 4, 2, None))
+    assert cavity.sum() >= seg.config.ring_outer_ratio * part.sum()
+    if check:
+        assert dice_3d(mask, wall) > 0.8 and (mask & cavity).sum() < 0.1 * mask.sum()
+    else:  # the band inside the cavity, as before
+        assert (mask & cavity).sum() == mask.sum() and dice_3d(mask, wall) < 0.1
 
 
 def test_registration_prior_is_the_reference_structure_and_follows_new_references(model_and_cache):
@@ -532,7 +554,7 @@ def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_a
     monkeypatch.setattr(Segmenter, "_localise", lambda self, *a: scans.append(1) or real_scan(self, *a))
     results = {}
     for ratio, retries in ((0.0, 2), (0.25, 2), (0.25, 0)):
-        seg = make(model_and_cache, min_volume_ratio=ratio, seed_retries=retries)
+        seg = make(model_and_cache, min_volume_ratio=ratio, seed_retries=retries, min_extent_ratio=0.0)
         seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
         res = seg.segment(other)
         results[ratio, retries] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1), len(scans))
@@ -544,13 +566,27 @@ def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_a
     assert seeds != [20] and found > 0.5 and scanned == 1
 
 
+def test_a_seed_whose_structure_is_too_short_gives_way_to_the_next_candidate(model_and_cache, monkeypatch):
+    """The look-alike seed's structure may hold enough volume (min_volume_ratio 0 here) and still span far
+    fewer slices than the reference's: with min_extent_ratio the next candidate seeds instead."""
+    vol, lab, other, olab = _look_alike_first(monkeypatch)
+    found = {}
+    for ratio in (0.0, 0.5):
+        seg = make(model_and_cache, min_volume_ratio=0.0, min_extent_ratio=ratio)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        res = seg.segment(other)
+        found[ratio] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1))
+    assert found[0.0][0] == [20] and found[0.0][1] < 0.1
+    assert found[0.5][0] != [20] and found[0.5][1] > 0.5
+
+
 def test_best_seed_choice_keeps_the_candidate_that_looks_most_like_the_reference(model_and_cache, monkeypatch):
     """Both candidates lead to enough structure (min_volume_ratio 0): "first" keeps the look-alike the sweep
     ranked first, "best" propagates both and keeps the one whose slices look like the reference."""
     vol, lab, other, olab = _look_alike_first(monkeypatch)
     found = {}
     for choice in ("first", "best"):
-        seg = make(model_and_cache, min_volume_ratio=0.0, seed_choice=choice)
+        seg = make(model_and_cache, min_volume_ratio=0.0, seed_choice=choice, min_extent_ratio=0.0)
         seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
         res = seg.segment(other)
         found[choice] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1))
@@ -560,6 +596,8 @@ def test_best_seed_choice_keeps_the_candidate_that_looks_most_like_the_reference
         make(model_and_cache, slab_registration="mi")
     with pytest.raises(SegmenterError, match="sweep_prior_sigma_mm: expected a distance in mm > 0 or None"):
         make(model_and_cache, sweep_prior_sigma_mm=0)
+    with pytest.raises(SegmenterError, match="min_extent_ratio: expected a share in"):
+        make(model_and_cache, min_extent_ratio=2)
     with pytest.raises(SegmenterError, match="seed_choice: expected first or best"):
         make(model_and_cache, seed_choice="largest")
 
