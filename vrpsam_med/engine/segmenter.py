@@ -534,7 +534,7 @@ class Segmenter:
             if not check or _cavity_share(image, band, st.ring_intensity) <= 0.5:
                 return band, float(min(iou))
             # the "outer" mask is the whole cavity around a partial inner one: the wall goes around it
-            inner, iou = outer, iou[::-1]
+            inner, iou = outer, iou[::-1]  # iou[1] below is then the outer (cavity) mask's estimate
         thickness = float(np.mean(st.ring_thickness))  # the neighbour's own band would drift outward
         if image is not None:  # only for rings with ring_adaptive_wall on (_ring_image)
             return adaptive_wall(image, inner, thickness, _mean_wall(st.ring_intensity)), float(iou[1])
@@ -651,7 +651,7 @@ class Segmenter:
             expected_ml = float(st.atlas.sum() * np.prod(ref_spacing) / 1000.0)
             # not in few-slice stacks: their slice spacing is often lost, and the extents in slices differ (ACDC
             # train, RV: 0.655 -> 0.642 with it)
-            if min(n, st.atlas.shape[ax]) > cfg.slab_max_slices:
+            if not self._few_slices(volume, st.references[0][1], ax):
                 expected_mm = _extent(st.atlas, ax) * float(ref_spacing[ax])
         best = None  # (mL, seeds, confidence, mask3d) of the largest result so far
         kept = None  # ("best" choice) (look, seeds, confidence, mask3d) of the best-looking big-enough result
@@ -894,7 +894,7 @@ class Segmenter:
             return [([], None)]
         k = int(np.argmax(areas))
         prior = get_slice(warped, k, ax)
-        slab = min(volume.shape[ax], ref_vol.shape[ax]) <= self.config.slab_max_slices
+        slab = self._few_slices(volume, ref_vol, ax)
         shift_mm = 0.0 if slab else self.config.sweep_shift_mm
         if self.config.seed_search == "prior":
             emb = self.cache.get(volume, [k], ax, preset)
@@ -907,6 +907,10 @@ class Segmenter:
                                 count=1 + self.config.seed_retries, shift_mm=shift_mm)
         return [([(j, mask)], _shift_inplane(_shift(warped, j - k, ax), offset, ax))
                 for j, mask, offset in found] or None
+
+    def _few_slices(self, volume: Volume, ref_vol: Volume, ax: int) -> bool:
+        """Is either volume a few-slice stack along ``ax`` (<= ``slab_max_slices``, e.g. cine MR short axis)?"""
+        return min(volume.shape[ax], ref_vol.shape[ax]) <= self.config.slab_max_slices
 
     def _warp_atlas(self, atlas: np.ndarray, ref_vol: Volume, volume: Volume, ax: int, preset: str | None,
                     reference_slice: int) -> np.ndarray:
@@ -928,7 +932,7 @@ class Segmenter:
 
         # one registration per (reference volume, target) pair, shared by every structure segmented in it
         key = (ref_vol.digest(), volume.digest(), ax, preset)
-        if min(volume.shape[ax], ref_vol.shape[ax]) > self.config.slab_max_slices:
+        if not self._few_slices(volume, ref_vol, ax):
             key += (self.config.registration_transform,)
             if key not in self._transforms:
                 self._transforms[key] = register(volume, ref_vol, transform=self.config.registration_transform)
