@@ -79,13 +79,18 @@ def main() -> None:
 
 
 def false_mask_shares(result: dict) -> dict[str, float]:
-    """Engine result -> {'organ (same patient)' / 'organ (other patients)': mean share of empty slices given a mask}."""
-    shares: dict[str, list[float]] = {}
+    """Engine result -> {'organ (same patient)' / 'organ (other patients)': share of empty slices given a mask},
+    pooled over the volumes' empty slices (results written before the counts existed: the mean of the shares)."""
+    counts: dict[str, list[float]] = {}
     for c in result["per_case"]:
-        if c.get("empty_slices_with_false_mask") is not None:
-            key = f"{c['label']} ({'same patient' if c['same_patient'] else 'other patients'})"
-            shares.setdefault(key, []).append(c["empty_slices_with_false_mask"])
-    return {k: float(np.mean(v)) for k, v in shares.items()}
+        if c.get("empty_slices_with_false_mask") is None:
+            continue
+        key = f"{c['label']} ({'same patient' if c['same_patient'] else 'other patients'})"
+        k, n = (c["empty_slices_given_a_mask"], c["empty_slices"]) if "empty_slices" in c else \
+            (c["empty_slices_with_false_mask"], 1)
+        acc = counts.setdefault(key, [0.0, 0.0])
+        acc[0], acc[1] = acc[0] + k, acc[1] + n
+    return {key: k / n for key, (k, n) in counts.items() if n}
 
 
 def table(results: dict, false_masks: bool = False) -> str:

@@ -7,10 +7,11 @@ Arguments: set, number of train patients (one volume each), structures, then one
 setting per variant (``key=value``; several joined with ``;``). Every ordered pair of different
 patients: reference = the structure's largest slice in one, target = the other's whole volume
 (registration prior). Per variant and structure: mean 3D Dice and the share of slices without the
-structure that got a mask. ``VERBOSE=1`` also prints every pair: seeds, seed-slice Dice, 3D Dice,
-and the slice range of the structure and of the prediction. ``MODEL=RUN_DIR`` uses a fine-tuned model;
-``PAIRS=0-3,1-2`` keeps only those (reference, target) pairs. ``JOINT=1`` segments the structures
-together (one Segmenter per reference patient), so few-slice stacks get one joint placement.
+structure that got a mask (pooled over all empty slices). ``VERBOSE=1`` also prints every pair:
+seeds, seed-slice Dice, 3D Dice, and the slice range of the structure and of the prediction.
+``MODEL=RUN_DIR`` uses a fine-tuned model; ``PAIRS=0-3,1-2`` keeps only those (reference, target)
+pairs; ``SKIP=k`` passes over the first k patients. ``JOINT=1`` segments the structures together (one
+Segmenter per reference patient), so few-slice stacks get one joint placement.
 """
 import os
 import sys
@@ -99,7 +100,8 @@ def first_volumes(ds: MSDDataset, n: int) -> list:
     first = {}
     for c in ds.cases("train"):
         first.setdefault(patient_id(c.case_id), c)
-    return [ds.load(c) for c in list(first.values())[:n]]
+    skip = int(os.environ.get("SKIP", "0"))
+    return [ds.load(c) for c in list(first.values())[skip:skip + n]]
 
 
 def _extent(mask: np.ndarray) -> str:

@@ -51,15 +51,17 @@ def main() -> None:
         print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summarise(res), flush=True)
 
 
-def score(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
-    """(3D Dice, share of the slices without the structure that got a mask); axial slices."""
+def score(pred: np.ndarray, gt: np.ndarray) -> tuple[float, int, int]:
+    """(3D Dice, slices without the structure that got a mask, slices without the structure); axial slices."""
     empty = ~gt.any((0, 1))
-    return dice_3d(pred, gt), float((pred.any((0, 1)) & empty).sum() / max(empty.sum(), 1))
+    return dice_3d(pred, gt), int((pred.any((0, 1)) & empty).sum()), int(empty.sum())
 
 
-def summarise(res: dict[str, list[tuple[float, float]]]) -> dict:
-    return {s: {"dice": round(float(np.mean([d for d, _ in r])), 3),
-                "false_mask": round(float(np.mean([f for _, f in r])), 3)} for s, r in res.items()}
+def summarise(res: dict[str, list[tuple[float, int, int]]]) -> dict:
+    """Per structure: mean Dice, and false masks pooled over every empty slice of every volume."""
+    return {s: {"dice": round(float(np.mean([d for d, _, _ in r])), 3),
+                "false_mask": round(sum(f for _, f, _ in r) / max(sum(n for _, _, n in r), 1), 3),
+                "empty_slices": sum(n for _, _, n in r)} for s, r in res.items()}
 
 
 if __name__ == "__main__":

@@ -64,6 +64,28 @@ def test_gt_box_upper_bound_is_high_and_protocol_shapes_hold(tmp_path, cache, pr
     else:
         assert sum(r["same_patient"] for r in res.per_case) == 3 and len(res.per_case) == 9
         assert all("hd95_mm" in r and "empty_slices_with_false_mask" in r for r in res.per_case)
+        for r in res.per_case:
+            assert 0 <= r["empty_slices_given_a_mask"] <= r["empty_slices"] > 0
+            assert r["empty_slices_with_false_mask"] == r["empty_slices_given_a_mask"] / r["empty_slices"]
+
+
+@pytest.mark.parametrize("first_labelled, expected", [(0, (0, 0, None)), (1, (1, 0, 0.0)), (2, (2, 1, 0.5))])
+def test_false_masks_are_counted_per_empty_slice_and_none_without_empty_slices(first_labelled, expected):
+    """The prediction covers slices 1-5 of 6; the label starts at ``first_labelled``. A volume without empty
+    slices has no share (None), not 0, so that it cannot dilute the share of volumes that have some."""
+    from types import SimpleNamespace
+
+    from vrpsam_med.evaluation.protocols import _volume_case
+    from vrpsam_med.io.volume import Volume
+
+    lab = np.zeros((8, 8, 6), np.uint8)
+    lab[2:6, 2:6, first_labelled:] = 1
+    pred = np.zeros(lab.shape, bool)
+    pred[2:6, 2:6, 1:] = True
+    vol = Volume(np.zeros(lab.shape, np.float32), np.eye(4))
+    seg = SimpleNamespace(method="engine", engine=lambda *a: (pred, {}), reference=lambda *a: None)
+    row = _volume_case(seg, vol, lab, vol, lab, 1, None, "mask", None)
+    assert (row["empty_slices"], row["empty_slices_given_a_mask"], row["empty_slices_with_false_mask"]) == expected
 
 
 @pytest.mark.parametrize("slices", [9, 20])  # a few-slice stack (registered in-plane) and a 3D volume

@@ -621,6 +621,26 @@ def test_localised_box_floor_in_mm_applies_in_other_volumes_only(model_and_cache
             make(model_and_cache, localised_box_min_mm=bad)
 
 
+def test_other_volumes_can_use_their_own_similarity_threshold(model_and_cache, monkeypatch):
+    """other_similarity_threshold applies while propagating in a volume without a reference, not in the
+    reference's own volume; a mask below the default threshold but above the other one then looks right."""
+    seen: list[tuple[bool, float | None]] = []
+    real = Segmenter._propagate_one
+    monkeypatch.setattr(Segmenter, "_propagate_one", lambda self, st, volume, *a, threshold=None, **k: seen.append(
+                        (volume is other, threshold)) or real(self, st, volume, *a, threshold=threshold, **k))
+    vol, lab = phantom()
+    other, olab = phantom(shift=4)
+    seg = make(model_and_cache, other_similarity_threshold=0.45)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    assert dice_3d(seg.segment(other).labels == 1, olab == 1) > 0.5
+    seg.segment(vol)
+    assert {t for o, t in seen if not o} == {None} and {t for o, t in seen if o} == {0.45}
+    st, emb, mask = seg._structures["ball"], torch.zeros(1), np.ones((4, 4), bool)
+    monkeypatch.setattr(seg, "_similarity", lambda *a: (0.5, 0.2))
+    assert seg._looks_like(st, emb, mask) == (False, pytest.approx(0.3))
+    assert seg._looks_like(st, emb, mask, 0.45) == (True, pytest.approx(0.3))
+
+
 @pytest.mark.parametrize("confirm, stack, expected", [(1, 8, [1, 3, 5, 6, 8, 9, 10]), (2, 8, [5, 6, 8, 9, 10]),
                                                      (2, 16, [1, 3, 5, 6, 8, 9, 10])])
 def test_slices_accepted_after_an_absent_one_need_confirming(model_and_cache, monkeypatch, confirm, stack, expected):

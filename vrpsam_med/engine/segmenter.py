@@ -93,6 +93,10 @@ class SegmenterConfig:
 
     presence_threshold: float = 0.5  # VRP presence probability (used by segment_slice only; see docs/vrp.md)
     similarity_threshold: float = 0.6  # min cosine(mask prototype, reference foreground prototype) to be present
+    # the same in volumes without a reference, while propagating from a seed (None: similarity_threshold). The
+    # reference is another patient's, so the structure looks less alike: BTCV train kidneys rejected on slices
+    # at Dice 0.95 with cosine 0.51-0.59 and a margin over the background of 0.15-0.26 (docs/vrp.md)
+    other_similarity_threshold: float | None = None
     min_area_ratio: float = 0.05  # a propagated mask below this share of its neighbour's area ends the structure
     # Stop rule, second test: logistic "is this slice's mask the structure?" (engine/stop_rule.py). "model": the
     # rule that comes with the model (fitted for its fine-tuned decoder), else the one fitted for LiteMedSAM's
@@ -451,10 +455,13 @@ class Segmenter:
         x = stop_rule.features(sfg, sbg, self._ring_similarity(emb, mask, proto), iou, int(mask.sum()), prev_area)
         return stop_rule.probability(self.stop_rule, x)
 
-    def _looks_like(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray) -> tuple[bool, float]:
-        """Is ``mask`` the referenced structure? (decision, margin = cos_fg - cos_bg)."""
+    def _looks_like(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray, threshold: float | None = None
+                    ) -> tuple[bool, float]:
+        """Is ``mask`` the referenced structure? (decision, margin = cos_fg - cos_bg); ``threshold``: for cos_fg
+        (default ``similarity_threshold``)."""
         sfg, sbg = self._similarity(st, emb, mask)
-        return bool(mask.any() and sfg >= self.config.similarity_threshold and sfg > sbg), sfg - sbg
+        threshold = self.config.similarity_threshold if threshold is None else threshold
+        return bool(mask.any() and sfg >= threshold and sfg > sbg), sfg - sbg
 
     # -- model calls ------------------------------------------------------------------------
     def _autocast(self):
@@ -738,7 +745,8 @@ class Segmenter:
                     prior = get_slice(prior3d, k, ax) if prior3d is not None else None
                     mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset,
                                                      margin, prior, rule=same or cfg.stop_rule_other_volumes,
-                                                     min_px=min_px, refine=refine)
+                                                     min_px=min_px, refine=refine,
+                                                     threshold=None if same else cfg.other_similarity_threshold)
                     conf[k] = pk
                     if progress:
                         progress(int(np.isfinite(conf).sum()), n, "slices")
@@ -774,8 +782,8 @@ class Segmenter:
     def _propagate_one(self, st: _Structure, volume: Volume, k: int, prev: np.ndarray,
                        vrp_out: tuple[np.ndarray, float, float, float] | None, shape: tuple[int, int], ax: int,
                        preset: str | None, margin: float | None = None, prior: np.ndarray | None = None,
-                       rule: bool = True, min_px: tuple[float, float] = MIN_MARGIN_PX, refine: bool = False
-                       ) -> tuple[np.ndarray, float, bool]:
+                       rule: bool = True, min_px: tuple[float, float] = MIN_MARGIN_PX, refine: bool = False,
+                       threshold: float | None = None) -> tuple[np.ndarray, float, bool]:
         """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
 
         Confidence = SAM's predicted IoU x how clearly the mask looks like the reference's foreground
@@ -802,7 +810,7 @@ class Segmenter:
             candidates.append(self._decode_like(st, emb, prior, shape, margin, image, min_px))
         scored = []
         for mask, iou in candidates:
-            looks, similarity_margin = self._looks_like(st, emb[0], mask)
+            looks, similarity_margin = self._looks_like(st, emb[0], mask, threshold)
             area_ok = mask.sum() >= cfg.min_area_ratio * max(prev.sum(), 1)
             conf = float(np.clip(iou, 0, 1) * np.clip(similarity_margin / 0.3, 0, 1))
             scored.append((mask, conf, bool(looks and area_ok), iou))
