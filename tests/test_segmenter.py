@@ -540,7 +540,7 @@ def test_sweep_prior_weight_prefers_slices_near_the_prior(model_and_cache, monke
                         .view(-1, 1, 1, 1))
     monkeypatch.setattr(seg, "_box_decode", lambda e, boxes, shape: (
         np.stack([prior] * len(boxes)), np.full(len(boxes), value.get(int(e[0, 0, 0, 0]), 0.1))))
-    monkeypatch.setattr(seg, "_looks_like", lambda st, e, mask: (True, 1.0))
+    monkeypatch.setattr(seg, "_looks_like", lambda st, e, mask, threshold=None: (True, 1.0))
     found = seg._sweep(st, vol, prior, prior.shape, 2, None, None, first=6)
     assert vol.spacing[2] == 4.0 and [j for j, _, _ in found] == [expected]
 
@@ -719,7 +719,7 @@ def test_vrp_refine_candidate_takes_the_trimmed_shape_but_judges_presence_on_the
     monkeypatch.setattr(Segmenter, "_decode_like", lambda self, *a, **k: (big, 0.5))
     monkeypatch.setattr(Segmenter, "_refine_with_vrp", lambda self, *a: (small, 0.9))
     # the box mask does not look like the structure any more; the trimmed one does
-    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m: (m.sum() < 300, 0.3))
+    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m, threshold=None: (m.sum() < 300, 0.3))
     vrp_out = (small, 0.9, 0.9, 0.9)
     for box_presence, present in ((True, False), (False, True)):
         seg.config.vrp_refine_box_presence = box_presence
@@ -748,8 +748,8 @@ def test_vrp_refine_only_for_structures_vrp_segments_well(model_and_cache, monke
     seg.add_reference(vol, 6, Annotation.from_mask(ref), name="ball")
     picked = []
     real_looks = Segmenter._looks_like
-    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m: picked.append(int(m.sum())) or
-                        real_looks(self, st, e, m))
+    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m, threshold=None: picked.append(int(m.sum()))
+                        or real_looks(self, st, e, m, threshold))
     assert dice_3d(seg.segment(vol).labels == 1, lab == 1) > 0.7
     assert len(calls) >= 4 and len(picked) >= 2 * len(calls)  # both masks of each refined slice are weighed
     calls.clear()
