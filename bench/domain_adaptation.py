@@ -29,6 +29,7 @@ from tune_engine_same import config
 from vrp_eval import DATA, SETS, save_results  # the same data root and structures as the other benchmarks
 
 from vrpsam_med.engine.reference import ReferencePredictor
+from vrpsam_med.evaluation.metrics import pool_false_masks
 from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
 from vrpsam_med.io.msd import MSDDataset
 from vrpsam_med.models.backbones import load_backbone
@@ -80,17 +81,12 @@ def main() -> None:
 
 def false_mask_shares(result: dict) -> dict[str, float]:
     """Engine result -> {'organ (same patient)' / 'organ (other patients)': share of empty slices given a mask},
-    pooled over the volumes' empty slices (results written before the counts existed: the mean of the shares)."""
-    counts: dict[str, list[float]] = {}
+    pooled over the volumes' empty slices."""
+    groups: dict[str, list[dict]] = {}
     for c in result["per_case"]:
-        if c.get("empty_slices_with_false_mask") is None:
-            continue
-        key = f"{c['label']} ({'same patient' if c['same_patient'] else 'other patients'})"
-        k, n = (c["empty_slices_given_a_mask"], c["empty_slices"]) if "empty_slices" in c else \
-            (c["empty_slices_with_false_mask"], 1)
-        acc = counts.setdefault(key, [0.0, 0.0])
-        acc[0], acc[1] = acc[0] + k, acc[1] + n
-    return {key: k / n for key, (k, n) in counts.items() if n}
+        groups.setdefault(f"{c['label']} ({'same patient' if c['same_patient'] else 'other patients'})", []).append(c)
+    shares = {key: pool_false_masks(cases).share for key, cases in groups.items()}
+    return {key: share for key, share in shares.items() if share is not None}
 
 
 def table(results: dict, false_masks: bool = False) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from vrpsam_med.engine.segmenter import Segmenter, SegmenterConfig
-from vrpsam_med.evaluation.metrics import dice_3d
+from vrpsam_med.evaluation.metrics import dice_3d, pool_false_masks
 from vrpsam_med.io.msd import MSDDataset
 from vrpsam_med.io.volume import get_slice
 from vrpsam_med.models.backbones import load_backbone
@@ -51,17 +51,21 @@ def main() -> None:
         print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summarise(res), flush=True)
 
 
-def score(pred: np.ndarray, gt: np.ndarray) -> tuple[float, int, int]:
-    """(3D Dice, slices without the structure that got a mask, slices without the structure); axial slices."""
+def score(pred: np.ndarray, gt: np.ndarray) -> dict:
+    """3D Dice, and the axial slices without the structure: how many, and how many got a mask."""
     empty = ~gt.any((0, 1))
-    return dice_3d(pred, gt), int((pred.any((0, 1)) & empty).sum()), int(empty.sum())
+    return {"dice": dice_3d(pred, gt), "empty_slices": int(empty.sum()),
+            "empty_slices_given_a_mask": int((pred.any((0, 1)) & empty).sum())}
 
 
-def summarise(res: dict[str, list[tuple[float, int, int]]]) -> dict:
+def summarise(res: dict[str, list[dict]]) -> dict:
     """Per structure: mean Dice, and false masks pooled over every empty slice of every volume."""
-    return {s: {"dice": round(float(np.mean([d for d, _, _ in r])), 3),
-                "false_mask": round(sum(f for _, f, _ in r) / max(sum(n for _, _, n in r), 1), 3),
-                "empty_slices": sum(n for _, _, n in r)} for s, r in res.items()}
+    out = {}
+    for s, r in res.items():
+        false = pool_false_masks(r)
+        out[s] = {"dice": round(float(np.mean([c["dice"] for c in r])), 3),
+                  "false_mask": round(false.share or 0.0, 3), "empty_slices": int(false.empty)}
+    return out
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from vrp_eval import DATA, SETS, save_results  # the same data root and structur
 
 from vrpsam_med.engine.reference import ReferencePredictor
 from vrpsam_med.engine.segmenter import SegmenterConfig
+from vrpsam_med.evaluation.metrics import pool_false_masks
 from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
 from vrpsam_med.io.msd import MSDDataset
 from vrpsam_med.models.backbones import load_backbone
@@ -81,23 +82,12 @@ def table(results: dict) -> str:
                 xs = [x for x in xs if np.isfinite(x)]
                 return f"{np.mean(xs):.3f}" if xs else "-"
             visited = [c["slices_visited"] / c["slices_in_volume"] for c in rows if "slices_visited" in c]
-            false = pooled_false_masks(rows)
+            false = pool_false_masks(rows)
             secs = [c["seconds"] for c in rows if "seconds" in c]
             lines.append(f"| {name} | {label} | {s} | {m(same)} | {m([c['dice'] for c in other])} | "
                          f"{m([c['hd95_mm'] for c in other])} | {false} | "
                          f"{m(visited)} | {m(secs)} |")
     return "\n".join(lines)
-
-
-def pooled_false_masks(rows: list[dict]) -> str:
-    """Empty slices given a mask over all empty slices of all rows ("k / n = share"). Results written before
-    the counts existed hold only a per-volume share (0 for a volume without empty slices): their mean, marked."""
-    if rows and all("empty_slices" in c for c in rows):
-        n = sum(c["empty_slices"] for c in rows)
-        k = sum(c["empty_slices_given_a_mask"] for c in rows)
-        return f"{k} / {n} = {k / n:.3f}" if n else "no empty slices"
-    shares = [c["empty_slices_with_false_mask"] for c in rows if c.get("empty_slices_with_false_mask") is not None]
-    return f"{np.mean(shares):.3f} (mean per volume)" if shares else "-"
 
 
 if __name__ == "__main__":

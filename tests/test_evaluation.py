@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vrpsam_med.cli import main
-from vrpsam_med.evaluation.metrics import dice_3d, hd95
+from vrpsam_med.evaluation.metrics import dice_3d, hd95, pool_false_masks
 from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
 from vrpsam_med.io.msd import MSDDataset
 from vrpsam_med.models.backbones import load_backbone
@@ -86,6 +86,21 @@ def test_false_masks_are_counted_per_empty_slice_and_none_without_empty_slices(f
     seg = SimpleNamespace(method="engine", engine=lambda *a: (pred, {}), reference=lambda *a: None)
     row = _volume_case(seg, vol, lab, vol, lab, 1, None, "mask", None)
     assert (row["empty_slices"], row["empty_slices_given_a_mask"], row["empty_slices_with_false_mask"]) == expected
+
+
+def test_false_masks_are_pooled_over_empty_slices_not_averaged_per_volume():
+    """Three volumes: 1 of 2 empty slices given a mask, 9 of 9, and none empty. Pooled: 10 / 11, not the
+    mean of the shares (0.75), and the volume without empty slices adds nothing."""
+    cases = [{"empty_slices": 2, "empty_slices_given_a_mask": 1, "empty_slices_with_false_mask": 0.5},
+             {"empty_slices": 9, "empty_slices_given_a_mask": 9, "empty_slices_with_false_mask": 1.0},
+             {"empty_slices": 0, "empty_slices_given_a_mask": 0, "empty_slices_with_false_mask": None}]
+    pooled = pool_false_masks(cases)
+    assert pooled.share == pytest.approx(10 / 11) and str(pooled) == "10 / 11 = 0.909"
+    assert pool_false_masks(cases[2:]).share is None and str(pool_false_masks(cases[2:])) == "no empty slices"
+    # results written before the counts existed: the mean of the per-volume shares, marked as such
+    legacy = pool_false_masks([{"empty_slices_with_false_mask": 0.5}, {"empty_slices_with_false_mask": 0.0},
+                               {"empty_slices_with_false_mask": None}])
+    assert legacy.share == 0.25 and not legacy.counted and str(legacy) == "0.250 (mean per volume)"
 
 
 @pytest.mark.parametrize("slices", [9, 20])  # a few-slice stack (registered in-plane) and a 3D volume
