@@ -639,6 +639,10 @@ def test_other_volumes_can_use_their_own_similarity_threshold(model_and_cache, m
     monkeypatch.setattr(seg, "_similarity", lambda *a: (0.5, 0.2))
     assert seg._looks_like(st, emb, mask) == (False, pytest.approx(0.3))
     assert seg._looks_like(st, emb, mask, 0.45) == (True, pytest.approx(0.3))
+    for name, bad in (("other_similarity_threshold", 1.5), ("other_similarity_threshold", "high"),
+                      ("similarity_threshold", None), ("similarity_threshold", float("nan"))):
+        with pytest.raises(SegmenterError, match=f"^{name}: expected a cosine between -1 and 1"):
+            make(model_and_cache, **{name: bad})
 
 
 @pytest.mark.parametrize("confirm, stack, expected", [(1, 8, [1, 3, 5, 6, 8, 9, 10]), (2, 8, [5, 6, 8, 9, 10]),

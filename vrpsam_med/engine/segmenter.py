@@ -95,7 +95,9 @@ class SegmenterConfig:
     similarity_threshold: float = 0.6  # min cosine(mask prototype, reference foreground prototype) to be present
     # the same in volumes without a reference, while propagating from a seed (None: similarity_threshold). The
     # reference is another patient's, so the structure looks less alike: BTCV train kidneys rejected on slices
-    # at Dice 0.95 with cosine 0.51-0.59 and a margin over the background of 0.15-0.26 (docs/vrp.md)
+    # at Dice 0.95 with cosine 0.51-0.59 and a margin over the background of 0.15-0.26. 0.5 was no worse than 0.6
+    # on train, but on test it let propagation run past organs' ends (BTCV spleen 0.901 -> 0.853, left kidney
+    # 0.607 -> 0.513; more false masks), so it stays opt-in (docs/benchmarks.md, run 16)
     other_similarity_threshold: float | None = None
     min_area_ratio: float = 0.05  # a propagated mask below this share of its neighbour's area ends the structure
     # Stop rule, second test: logistic "is this slice's mask the structure?" (engine/stop_rule.py). "model": the
@@ -296,6 +298,12 @@ class Segmenter:
             raise SegmenterError(str(exc)) from None
         from vrpsam_med.engine.registration import TRANSFORMS
 
+        for name in ("similarity_threshold", "other_similarity_threshold"):
+            value = getattr(self.config, name)
+            if value is None and name == "other_similarity_threshold":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
+                raise SegmenterError(f"{name}: expected a cosine between -1 and 1; got {value!r}")
         ratio, retries = self.config.min_volume_ratio, self.config.seed_retries
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
             raise SegmenterError(f"min_volume_ratio: expected a share between 0 and 1; got {ratio!r}")
