@@ -540,7 +540,7 @@ def test_sweep_prior_weight_prefers_slices_near_the_prior(model_and_cache, monke
                         .view(-1, 1, 1, 1))
     monkeypatch.setattr(seg, "_box_decode", lambda e, boxes, shape: (
         np.stack([prior] * len(boxes)), np.full(len(boxes), value.get(int(e[0, 0, 0, 0]), 0.1))))
-    monkeypatch.setattr(seg, "_looks_like", lambda st, e, mask, threshold=None: (True, 1.0))
+    monkeypatch.setattr(seg, "_looks_like", lambda st, e, mask, threshold=None, seed=False: (True, 1.0))
     found = seg._sweep(st, vol, prior, prior.shape, 2, None, None, first=6)
     assert vol.spacing[2] == 4.0 and [j for j, _, _ in found] == [expected]
 
@@ -723,7 +723,7 @@ def test_vrp_refine_candidate_takes_the_trimmed_shape_but_judges_presence_on_the
     monkeypatch.setattr(Segmenter, "_decode_like", lambda self, *a, **k: (big, 0.5))
     monkeypatch.setattr(Segmenter, "_refine_with_vrp", lambda self, *a: (small, 0.9))
     # the box mask does not look like the structure any more; the trimmed one does
-    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m, threshold=None: (m.sum() < 300, 0.3))
+    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m, *a, **k: (m.sum() < 300, 0.3))
     vrp_out = (small, 0.9, 0.9, 0.9)
     for box_presence, present in ((True, False), (False, True)):
         seg.config.vrp_refine_box_presence = box_presence
@@ -752,8 +752,8 @@ def test_vrp_refine_only_for_structures_vrp_segments_well(model_and_cache, monke
     seg.add_reference(vol, 6, Annotation.from_mask(ref), name="ball")
     picked = []
     real_looks = Segmenter._looks_like
-    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m, threshold=None: picked.append(int(m.sum()))
-                        or real_looks(self, st, e, m, threshold))
+    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, st, e, m, threshold=None, seed=False:
+                        picked.append(int(m.sum())) or real_looks(self, st, e, m, threshold, seed))
     assert dice_3d(seg.segment(vol).labels == 1, lab == 1) > 0.7
     assert len(calls) >= 4 and len(picked) >= 2 * len(calls)  # both masks of each refined slice are weighed
     calls.clear()
@@ -761,3 +761,35 @@ def test_vrp_refine_only_for_structures_vrp_segments_well(model_and_cache, monke
     assert 0.0 <= st.vrp_self_dice <= 1.0
     seg.add_reference(vol, 7, Annotation.from_mask(get_slice(lab, 7) == 1), name="ball")
     assert st.vrp_self_dice is None  # a new reference is measured again
+
+
+def twins() -> tuple[Volume, np.ndarray]:
+    """Two alike bright disks side by side on every slice: the left one is label 1, the right one label 2."""
+    shape = (96, 64, 6)
+    x, y = np.mgrid[: shape[0], : shape[1]]
+    left = ((x - 28) ** 2 + (y - 32) ** 2 <= 12 ** 2)[..., None].repeat(shape[2], 2)
+    right = ((x - 68) ** 2 + (y - 32) ** 2 <= 12 ** 2)[..., None].repeat(shape[2], 2)
+    img = np.where(left | right, 220.0, 30.0) + np.random.default_rng(0).normal(0, 4, shape)
+    lab = np.zeros(shape, np.uint8)
+    lab[left], lab[right] = 1, 2
+    return Volume(img.astype(np.float32), np.diag([-1.5, -1.5, 4.0, 1.0]), modality="MR"), lab
+
+
+def test_a_seed_must_look_more_like_the_structure_than_its_look_alikes(model_and_cache):
+    """look_alike_negatives: the other disk on the reference slice becomes a negative prototype, so a seed
+    candidate on it fails the check (it passes without negatives), while the annotated disk still passes."""
+    vol, lab = twins()
+    emb = model_and_cache[1].get(vol, [3])[0]
+    left, right = get_slice(lab, 3) == 1, get_slice(lab, 3) == 2
+    plain = make(model_and_cache)
+    plain.add_reference(vol, 3, Annotation.from_mask(left), name="disk")
+    st = plain._structures["disk"]
+    assert not st.look_alikes and plain._looks_like(st, emb, right, seed=True)[0]
+    seg = make(model_and_cache, look_alike_negatives=2)
+    seg.add_reference(vol, 3, Annotation.from_mask(left), name="disk")
+    st = seg._structures["disk"]
+    assert 1 <= len(st.look_alikes) <= 2
+    assert not seg._looks_like(st, emb, right, seed=True)[0] and seg._looks_like(st, emb, right)[0]
+    assert seg._looks_like(st, emb, left, seed=True)[0]
+    # no look-alike is made of the mask itself or of cells beside it
+    assert max(float(seg._prototypes(emb, left)[0] @ n) for n in st.look_alikes) < 0.99
