@@ -307,10 +307,10 @@ class Segmenter:
             raise SegmenterError(str(exc)) from None
         from vrpsam_med.engine.registration import TRANSFORMS
 
-        for name in ("similarity_threshold", "other_similarity_threshold"):
-            value = getattr(self.config, name)
-            if value is None and name == "other_similarity_threshold":
-                continue
+        cosines = {"similarity_threshold": self.config.similarity_threshold}
+        if self.config.other_similarity_threshold is not None:  # None: similarity_threshold
+            cosines["other_similarity_threshold"] = self.config.other_similarity_threshold
+        for name, value in cosines.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1 <= value <= 1:
                 raise SegmenterError(f"{name}: expected a cosine between -1 and 1; got {value!r}")
         ratio, retries = self.config.min_volume_ratio, self.config.seed_retries
@@ -429,11 +429,17 @@ class Segmenter:
         mask = masks[0] | annotation.to_mask(shape)
         return self._box_decode(emb, self._grow(mask_box(mask), shape)[None], shape)[0][0]
 
-    def _prototypes(self, emb: torch.Tensor, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit-norm masked-average embeddings (C,) inside and outside a (H, W) slice mask; emb (C, 64, 64)."""
+    def _cells(self, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (H, W) slice mask on the (size, size) embedding grid: (share of each cell inside the mask, share of
+        each cell inside the image rather than the padding)."""
         geom = SliceGeometry(*mask.shape, self.backbone.image_size)
         both = torch.from_numpy(np.stack([mask, np.ones_like(mask)]))
-        grid, inside = F.adaptive_avg_pool2d(geom.mask_to_model(both), emb.shape[-1])[:, 0]
+        grid, inside = F.adaptive_avg_pool2d(geom.mask_to_model(both), size)[:, 0]
+        return grid, inside
+
+    def _prototypes(self, emb: torch.Tensor, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm masked-average embeddings (C,) inside and outside a (H, W) slice mask; emb (C, 64, 64)."""
+        grid, inside = self._cells(mask, emb.shape[-1])
         emb = emb.float()
 
         def avg(w: torch.Tensor) -> torch.Tensor:
@@ -447,9 +453,7 @@ class Segmenter:
         count = self.config.look_alike_negatives
         if count <= 0 or not mask.any():
             return []
-        geom = SliceGeometry(*mask.shape, self.backbone.image_size)
-        both = torch.from_numpy(np.stack([mask, np.ones_like(mask)]))
-        grid, inside = (g.numpy() for g in F.adaptive_avg_pool2d(geom.mask_to_model(both), emb.shape[-1])[:, 0])
+        grid, inside = (g.numpy() for g in self._cells(mask, emb.shape[-1]))
         emb = emb.float()
         fg = self._prototypes(emb, mask)[0]
         cosine = torch.einsum("c,chw->hw", fg, F.normalize(emb, dim=0)).numpy()
@@ -502,7 +506,7 @@ class Segmenter:
         sfg, sbg = self._similarity(st, emb, mask)
         threshold = self.config.similarity_threshold if threshold is None else threshold
         looks = bool(mask.any() and sfg >= threshold and sfg > sbg)
-        if looks and seed and st.look_alikes:
+        if looks and seed and st.look_alikes:  # opt-in (look_alike_negatives): the mask's prototype once more
             proto = self._prototypes(emb, mask)[0]
             looks = all(sfg > float(proto @ n) for n in st.look_alikes)
         return looks, sfg - sbg

@@ -309,10 +309,10 @@ def _volume_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng):
         for k in range(n):
             set_slice(pred, k, masks[k])
     empty = ~gt.any(axis=(1, 2))
-    false = int(masks[empty].any(axis=(1, 2)).sum())
+    false, n_empty = int(masks[empty].any(axis=(1, 2)).sum()), int(empty.sum())
     # None, not 0, when the volume has no empty slice: averaged as 0 it would hide the false masks of the
     # volumes that have some (ACDC: most volumes have none); pool empty_slices / empty_slices_given_a_mask
-    fp = false / int(empty.sum()) if empty.any() else None
+    fp = false / n_empty if n_empty else None
     return {"dice": dice_3d(pred, gt_all), "hd95_mm": hd95(pred, gt_all, qvol.spacing),
-            "empty_slices_with_false_mask": fp, "empty_slices": int(empty.sum()), "empty_slices_given_a_mask": false,
+            "empty_slices_with_false_mask": fp, "empty_slices": n_empty, "empty_slices_given_a_mask": false,
             "reference_slice": sk, **extra}
