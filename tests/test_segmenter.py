@@ -793,3 +793,7 @@ def test_a_seed_must_look_more_like_the_structure_than_its_look_alikes(model_and
     assert seg._looks_like(st, emb, left, seed=True)[0]
     # no look-alike is made of the mask itself or of cells beside it
     assert max(float(seg._prototypes(emb, left)[0] @ n) for n in st.look_alikes) < 0.99
+    for name, bad, match in (("look_alike_negatives", -1, "a whole number >= 0"), ("look_alike_negatives", 1.5,
+                             "a whole number >= 0"), ("look_alike_similarity", 2.0, "a cosine between -1 and 1")):
+        with pytest.raises(SegmenterError, match=f"^{name}: expected {match}"):
+            make(model_and_cache, **{name: bad})

@@ -307,7 +307,11 @@ class Segmenter:
             raise SegmenterError(str(exc)) from None
         from vrpsam_med.engine.registration import TRANSFORMS
 
-        cosines = {"similarity_threshold": self.config.similarity_threshold}
+        negatives = self.config.look_alike_negatives
+        if isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 0:
+            raise SegmenterError(f"look_alike_negatives: expected a whole number >= 0; got {negatives!r}")
+        cosines = {"similarity_threshold": self.config.similarity_threshold,
+                   "look_alike_similarity": self.config.look_alike_similarity}
         if self.config.other_similarity_threshold is not None:  # None: similarity_threshold
             cosines["other_similarity_threshold"] = self.config.other_similarity_threshold
         for name, value in cosines.items():
