@@ -290,6 +290,34 @@ def test_sweep_finds_the_structure_along_the_axis(model_and_cache):
     assert seg._sweep(st, empty, get_slice(lab, 6) == 1, get_slice(lab, 6).shape, 2, None, None) == []
 
 
+def test_search_slices_seeds_only_on_the_given_slices(model_and_cache):
+    """segment(search_slices=...): another volume's seeds are looked for only on those slices. The target has
+    two alike balls along the axis and a free search finds only the lower one; each hint gets its own ball,
+    propagation covers it; the sweep scores only those slices; a bad range is a one-line error."""
+    vol, lab = phantom(n=24)
+    other, olab = phantom(shift=4, n=24)
+    img = other.array.copy()
+    img[..., 13:24] = img[..., 0:11]  # a second ball on slices 15-22
+    twin = Volume(img, other.affine, modality="MR")
+    lower = olab == 1
+    upper = np.zeros_like(lower)
+    upper[..., 13:24] = lower[..., 0:11]
+    seg = make(model_and_cache, scan_stride=3)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    st = seg._structures["ball"]
+    prior = get_slice(lab, 6) == 1
+    found = seg._sweep(st, twin, prior, prior.shape, 2, None, None, first=6, count=3, within=range(16, 21))
+    assert found and all(16 <= j <= 20 for j, *_ in found)
+    for hint, ball in (((4, 8), lower), ((17, 20), upper)):
+        res = seg.segment(twin, search_slices=hint)
+        assert dice_3d((res.labels == 1) & ball, ball) > 0.7, hint
+        assert res.structures["ball"].present[hint[0]:hint[1] + 1].all()
+    for bad, match in (((5, 24), "search_slices 5..24 is not within 0..23"), ((7, 3), "is not within"),
+                       ("ab", r"search_slices: expected \(first, last\)")):
+        with pytest.raises(SegmenterError, match=match):
+            seg.segment(twin, search_slices=bad)
+
+
 def test_sweep_also_tries_the_prior_moved_in_plane(model_and_cache):
     """A prior off in-plane (registration error) finds nothing on its own; moved by 21 mm it does."""
     from vrpsam_med.engine.segmenter import _shift2d, _shift_inplane

@@ -617,9 +617,14 @@ class Segmenter:
         return out, scores
 
     def segment(self, volume: Volume, structures: Sequence[str] | None = None, preset: str | None = None,
-                progress: Progress | None = None, should_stop: Callable[[], bool] | None = None
-                ) -> SegmentationResult:
-        """Segment ``structures`` (default: all) in ``volume``; see the module docstring for how."""
+                progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                search_slices: tuple[int, int] | None = None) -> SegmentationResult:
+        """Segment ``structures`` (default: all) in ``volume``; see the module docstring for how.
+
+        ``search_slices`` (first, last), inclusive: in a volume without a reference, seeds are looked for only
+        on these slices (a hint such as "the structure is within slices 40-80"; propagation still follows
+        the structure beyond them).
+        """
         t0 = time.perf_counter()
         encoded0 = self.cache.encoded
         names = list(structures) if structures is not None else list(self._structures)
@@ -636,7 +641,7 @@ class Segmenter:
             st = self._structures[name]
             report = (lambda d, t, m, i=i: progress(i * 1000 + int(1000 * d / max(t, 1)), 1000 * len(names),
                                                     f"{name}: {m}")) if progress else None
-            res, mask3d = self._segment_structure(st, volume, preset, report, should_stop)
+            res, mask3d = self._segment_structure(st, volume, preset, report, should_stop, search_slices)
             conf = np.nan_to_num(res.confidence, nan=0.0).astype(np.float32)
             conf3d = np.broadcast_to(conf.reshape([-1 if a == st.axis else 1 for a in range(3)]), volume.shape)
             win = mask3d & (conf3d > best)
@@ -657,10 +662,11 @@ class Segmenter:
             raise SegmenterError(f"{volume.name}: slice {index} is out of range (0..{n - 1})")
 
     def _segment_structure(self, st: _Structure, volume: Volume, preset: str | None,
-                           progress: Progress | None, should_stop: Callable[[], bool] | None
-                           ) -> tuple[StructureResult, np.ndarray]:
+                           progress: Progress | None, should_stop: Callable[[], bool] | None,
+                           search_slices: tuple[int, int] | None = None) -> tuple[StructureResult, np.ndarray]:
         ax, cfg = st.axis, self.config
         n = volume.shape[ax]
+        within = _search_range(volume, n, search_slices)
         shape = slice_shape(volume.shape, ax)
         refs = [r[0] for r in st.references]
         vrp_cache: dict[int, tuple[np.ndarray, float, float, float]] = {}  # mask, presence, IoU, seed score
@@ -689,7 +695,7 @@ class Segmenter:
         if same:
             attempts = [(same, None)]
         elif cfg.localisation == "registration":
-            attempts = self._localise_registration(st, volume, shape, ax, preset, should_stop)
+            attempts = self._localise_registration(st, volume, shape, ax, preset, should_stop, within)
         elif cfg.localisation != "scan":
             raise SegmenterError(f"unknown localisation {cfg.localisation!r}; use scan or registration")
         # every slice where a registration prior's box looked right may still lead nowhere when the prior is
@@ -697,12 +703,12 @@ class Segmenter:
         scan_last = (not same and attempts is not None and cfg.seed_search == "sweep"
                      and any(seeds for seeds, _ in attempts))
         if attempts is None:
-            attempts = [(self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset), None)]
+            attempts = [(self._localise(st, volume, within, vrp, vrp_cache, shape, ax, preset), None)]
 
         def tries():
             yield from attempts
             if scan_last:
-                yield self._localise(st, volume, n, vrp, vrp_cache, shape, ax, preset), None
+                yield self._localise(st, volume, within, vrp, vrp_cache, shape, ax, preset), None
 
         expected_ml = expected_mm = None
         if not same and st.atlas is not None:
@@ -912,14 +918,15 @@ class Segmenter:
         masks, ious = self._box_decode(emb, self._grow(mask_box(both), shape, margin, min_px)[None], shape)
         return masks[0], float(ious[0])
 
-    def _localise(self, st: _Structure, volume: Volume, n: int, vrp, vrp_cache, shape, ax, preset
+    def _localise(self, st: _Structure, volume: Volume, within: range, vrp, vrp_cache, shape, ax, preset
                   ) -> list[tuple[int, np.ndarray]]:
         """Find the structure in a volume without annotation: scan at a stride, refine around the best hit.
 
         Each scanned slice's VRP mask is scored by SAM's IoU estimate x the prototype margin (the
-        mask must look like the reference's foreground, not its background); the best slice seeds.
+        mask must look like the reference's foreground, not its background); the best slice of ``within`` seeds.
         """
-        best = _coarse_to_fine(n, self.config.scan_stride, vrp, lambda: max(vrp_cache, key=lambda k: vrp_cache[k][3]))
+        best = _coarse_to_fine(within, self.config.scan_stride, vrp,
+                               lambda: max((k for k in vrp_cache if k in within), key=lambda k: vrp_cache[k][3]))
         if vrp_cache[best][3] <= 0:
             return []
         m = vrp_cache[best][0]
@@ -928,7 +935,7 @@ class Segmenter:
         return [(best, seed if self._looks_like(st, emb[0], seed, seed=True)[0] else m)]
 
     def _localise_registration(self, st: _Structure, volume: Volume, shape, ax, preset,
-                               should_stop: Callable[[], bool] | None = None
+                               should_stop: Callable[[], bool] | None = None, within: range | None = None
                                ) -> list[tuple[list[tuple[int, np.ndarray]], np.ndarray | None]] | None:
         """Registration prior: the structure segmented in the first reference's own volume (propagated
         from the reference slices, once per structure) is warped onto ``volume``; seeds from it.
@@ -956,15 +963,17 @@ class Segmenter:
         prior = get_slice(warped, k, ax)
         slab = self._few_slices(volume, ref_vol, ax)
         shift_mm = 0.0 if slab else self.config.sweep_shift_mm
-        if self.config.seed_search == "prior":
+        if self.config.seed_search == "prior" and (within is None or k in within):
             emb = self.cache.get(volume, [k], ax, preset)
             mask = self._decode_like(st, emb, prior, shape, image=self._ring_image(st, volume, k, ax, preset))[0]
             if mask.any() and self._looks_like(st, emb[0], mask, seed=True)[0]:
                 return [([(k, mask)], warped)]
-            found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, count=1, shift_mm=shift_mm)
+        if self.config.seed_search == "prior":
+            found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, count=1, shift_mm=shift_mm,
+                                within=within)
         else:
             found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, first=k,
-                                count=1 + self.config.seed_retries, shift_mm=shift_mm)
+                                count=1 + self.config.seed_retries, shift_mm=shift_mm, within=within)
         return [([(j, mask)], _shift_inplane(_shift(warped, j - k, ax), offset, ax))
                 for j, mask, offset in found] or None
 
@@ -1028,16 +1037,20 @@ class Segmenter:
 
     def _sweep(self, st: _Structure, volume: Volume, prior: np.ndarray, shape, ax, preset,
                should_stop: Callable[[], bool] | None, first: int | None = None, count: int = 1,
-               shift_mm: float = 0.0) -> list[tuple[int, np.ndarray, tuple[int, int]]]:
+               shift_mm: float = 0.0, within: range | None = None) -> list[tuple[int, np.ndarray, tuple[int, int]]]:
         """Up to ``count`` slices where ``prior``'s box segments something like the reference, best first.
 
         Slice ``first`` (if given) and every ``scan_stride``-th slice; the ``count`` best of those at
         least ``scan_stride`` apart, each refined among its neighbours. Score = SAM's IoU estimate x the
         prototype margin, as for scan localisation; slices whose mask fails the prototype check are
         never returned. With ``shift_mm``, each slice also tries ``prior`` moved that far in-plane (8
-        neighbours) and keeps its best placement. Returns (slice, mask, in-plane offset in pixels).
+        neighbours) and keeps its best placement. Only slices in ``within`` (default: all) are scored; ``first``
+        outside it is moved to its nearest end. Returns (slice, mask, in-plane offset in pixels).
         """
         cfg, n = self.config, volume.shape[ax]
+        within = range(n) if within is None else within
+        if first is not None and first not in within:
+            first = min(max(first, within.start), within.stop - 1)
         stride = max(1, cfg.scan_stride)
         scores: dict[int, tuple[float, np.ndarray, tuple[int, int]]] = {}
         offsets = [(0, 0)]
@@ -1077,7 +1090,7 @@ class Segmenter:
                 return value
             return value * float(np.exp(-0.5 * ((j - first) * step_mm / sigma) ** 2))
 
-        score(([first] if first is not None else []) + list(range(0, n, stride)))
+        score(([first] if first is not None else []) + list(range(within.start, within.stop, stride)))
         hits: list[int] = []
         for j in sorted(scores, key=lambda j: -ranked(j)):
             if scores[j][0] <= 0 or len(hits) == count:
@@ -1086,7 +1099,7 @@ class Segmenter:
                 hits.append(j)
         found: list[int] = []
         for h in hits:
-            near = [j for j in range(h - stride + 1, h + stride) if 0 <= j < n]
+            near = [j for j in range(h - stride + 1, h + stride) if j in within]
             score(near)
             top = max((j for j in near if j not in found), key=ranked)
             if scores[top][0] > 0:
@@ -1191,13 +1204,27 @@ def _shift(array: np.ndarray, offset: int, axis: int) -> np.ndarray:
     return _moved(array, shifts)
 
 
-def _coarse_to_fine(n: int, stride: int, evaluate: Callable[[Sequence[int]], None], best: Callable[[], int]) -> int:
-    """Evaluate every ``stride``-th of ``n`` slices, then the neighbours of the best; the best slice."""
+def _coarse_to_fine(within: range, stride: int, evaluate: Callable[[Sequence[int]], None], best: Callable[[], int]
+                    ) -> int:
+    """Evaluate every ``stride``-th slice of ``within``, then the neighbours of the best; the best slice."""
     stride = max(1, stride)
-    evaluate(list(range(0, n, stride)))
+    evaluate(list(range(within.start, within.stop, stride)))
     top = best()
-    evaluate([j for j in range(top - stride + 1, top + stride) if 0 <= j < n])
+    evaluate([j for j in range(top - stride + 1, top + stride) if j in within])
     return best()
+
+
+def _search_range(volume: Volume, n: int, search_slices: tuple[int, int] | None) -> range:
+    """``search_slices`` (first, last), inclusive, checked against a volume of ``n`` slices: a range."""
+    if search_slices is None:
+        return range(n)
+    try:
+        first, last = (int(v) for v in search_slices)
+    except (TypeError, ValueError):
+        raise SegmenterError(f"{volume.name}: search_slices: expected (first, last); got {search_slices!r}") from None
+    if not 0 <= first <= last < n:
+        raise SegmenterError(f"{volume.name}: search_slices {first}..{last} is not within 0..{n - 1}")
+    return range(first, last + 1)
 
 
 def _perimeter(mask: np.ndarray) -> int:

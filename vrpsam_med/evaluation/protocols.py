@@ -11,7 +11,8 @@
 Methods: ``vrp`` (the model, every target slice prompted independently), ``engine`` (the volume
 engine users run, :class:`~vrpsam_med.engine.segmenter.Segmenter`: seed, propagation with the
 neighbour's mask, 3D clean-up; in ``fewshot`` each chunk's support slice is its own 1-shot reference,
-the engine segments the query volume from it and the chunk's slices are scored; it reads the support
+the engine segments the query volume from it, seeding on the chunk's slices (the slices the protocol
+prompts), and the chunk's slices are scored; it reads the support
 and query scans' unlabelled slices, never another label), ``gt_box`` (ground-truth box per slice:
 upper bound), ``prototype`` (training-free: cosine similarity to the reference prototype -> box -> SAM),
 ``registration`` (the classic atlas method: affine SimpleITK registration of the support volume to
@@ -109,9 +110,10 @@ class _Segmenters:
             return propagate_slab_volume(qvol, slab == value, self._transforms[key])
         return propagate_labels(qvol, svol, (slab == value).astype(np.int16), self._transforms[key]) > 0
 
-    def engine(self, svol: Volume, sk: int, mask2d: np.ndarray, qvol: Volume, kind: str, rng
-               ) -> tuple[np.ndarray, dict]:
-        """The volume engine: reference slice ``sk`` of ``svol`` -> (bool volume of ``qvol``, cost details)."""
+    def engine(self, svol: Volume, sk: int, mask2d: np.ndarray, qvol: Volume, kind: str, rng,
+               search_slices: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+        """The volume engine: reference slice ``sk`` of ``svol`` -> (bool volume of ``qvol``, cost details);
+        ``search_slices``: where in ``qvol`` its seeds are looked for (``Segmenter.segment``)."""
         from vrpsam_med.engine.segmenter import Segmenter
 
         annotation = simulate(mask2d, kind, rng)
@@ -127,7 +129,7 @@ class _Segmenters:
             while len(self._engines) > 32:  # references of earlier structures are not needed again
                 self._engines.pop(next(iter(self._engines)))
         seg = self._engines[key]
-        res = seg.segment(qvol)
+        res = seg.segment(qvol, search_slices=search_slices)
         st = res.structures["target"]
         return res.labels > 0, {"slices_visited": st.visited, "slices_in_volume": int(qvol.shape[2]),
                                 "encoded": res.encoded, "seconds": round(res.seconds, 3), "seeds": st.seeds}
@@ -274,7 +276,10 @@ def _fewshot_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng, n_chunks
         if not ref_mask.any():
             continue
         if seg.method == "engine":  # the whole query volume from this chunk's reference; the chunk is scored
-            vol_pred, _ = seg.engine(svol, sk, ref_mask, qvol, kind, rng)
+            # seeds only on the chunk's slices: the protocol prompts exactly those (every slice method is told
+            # where the chunk is), so the engine is not asked to find the structure along the axis by itself
+            vol_pred, _ = seg.engine(svol, sk, ref_mask, qvol, kind, rng,
+                                     search_slices=(int(part_q[0]), int(part_q[-1])))
             pred[..., part_q] = vol_pred[..., part_q]
             continue
         ref = seg.reference(svol, sk, ref_mask, kind, rng)
