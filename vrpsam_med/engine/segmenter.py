@@ -935,7 +935,7 @@ class Segmenter:
         return [(best, seed if self._looks_like(st, emb[0], seed, seed=True)[0] else m)]
 
     def _localise_registration(self, st: _Structure, volume: Volume, shape, ax, preset,
-                               should_stop: Callable[[], bool] | None = None, within: range | None = None
+                               should_stop: Callable[[], bool] | None, within: range
                                ) -> list[tuple[list[tuple[int, np.ndarray]], np.ndarray | None]] | None:
         """Registration prior: the structure segmented in the first reference's own volume (propagated
         from the reference slices, once per structure) is warped onto ``volume``; seeds from it.
@@ -963,12 +963,12 @@ class Segmenter:
         prior = get_slice(warped, k, ax)
         slab = self._few_slices(volume, ref_vol, ax)
         shift_mm = 0.0 if slab else self.config.sweep_shift_mm
-        if self.config.seed_search == "prior" and (within is None or k in within):
-            emb = self.cache.get(volume, [k], ax, preset)
-            mask = self._decode_like(st, emb, prior, shape, image=self._ring_image(st, volume, k, ax, preset))[0]
-            if mask.any() and self._looks_like(st, emb[0], mask, seed=True)[0]:
-                return [([(k, mask)], warped)]
         if self.config.seed_search == "prior":
+            if k in within:
+                emb = self.cache.get(volume, [k], ax, preset)
+                mask = self._decode_like(st, emb, prior, shape, image=self._ring_image(st, volume, k, ax, preset))[0]
+                if mask.any() and self._looks_like(st, emb[0], mask, seed=True)[0]:
+                    return [([(k, mask)], warped)]
             found = self._sweep(st, volume, prior, shape, ax, preset, should_stop, count=1, shift_mm=shift_mm,
                                 within=within)
         else:
