@@ -174,3 +174,30 @@ def test_engine_fewshot_with_mask_references_learns_nothing_from_labels(tmp_path
                    ReferencePredictor(model, cache), engine_config=SegmenterConfig(vrp_refine=None))
     assert [r["support"] for r in res.per_case if r["label"] == "ball"] == ["case_1", "case_2", "case_0"]
     assert res.per_label["ball"] > 0.8 and res.per_label["box"] > 0.6, res.per_label
+
+
+def test_fewshot_engine_is_told_each_chunks_slices():
+    """fewshot + engine: each call gets its chunk's first and last query slice as the search range and as
+    slices known to hold the structure, and only the chunk's slices of each call's result are scored."""
+    from types import SimpleNamespace
+
+    from vrpsam_med.evaluation.protocols import _fewshot_case
+    from vrpsam_med.io.volume import Volume
+
+    qlab = np.zeros((8, 8, 12), np.uint8)
+    qlab[2:6, 2:6, 2:11] = 1  # 9 slices: chunks 2-4, 5-7, 8-10
+    slab = np.zeros((8, 8, 9), np.uint8)
+    slab[2:6, 2:6, 0:6] = 1
+    calls = []
+
+    def engine(svol, sk, mask, qvol, kind, rng, search_slices=None, present_slices=None):
+        calls.append((sk, search_slices, present_slices))
+        pred = np.zeros(qlab.shape, bool)
+        pred[..., search_slices[0]:search_slices[1] + 1] = qlab[..., search_slices[0]:search_slices[1] + 1] > 0
+        pred[..., 0] = True  # outside every chunk: not scored
+        return pred, {}
+
+    seg = SimpleNamespace(method="engine", engine=engine)
+    vol = Volume(np.zeros(qlab.shape, np.float32), np.eye(4))
+    assert _fewshot_case(seg, vol, slab, vol, qlab, 1, None, "mask", None) == pytest.approx(1.0)
+    assert calls == [(1, (2, 4), (2, 4)), (3, (5, 7), (5, 7)), (5, (8, 10), (8, 10))]

@@ -825,3 +825,30 @@ def test_a_seed_must_look_more_like_the_structure_than_its_look_alikes(model_and
                              "a whole number >= 0"), ("look_alike_similarity", 2.0, "a cosine between -1 and 1")):
         with pytest.raises(SegmenterError, match=f"^{name}: expected {match}"):
             make(model_and_cache, **{name: bad})
+
+
+def test_present_slices_propagation_does_not_stop_inside_them(model_and_cache, monkeypatch):
+    """segment(present_slices=...): slices whose mask fails the checks inside the range neither end the walk
+    nor become the next slice's prompt; outside the range two such slices end it; a bad range is an error."""
+    vol, lab = phantom()
+    seg = make(model_and_cache, cleanup=False)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    real = seg._propagate_one
+    prompts = {}
+
+    def failing(st, volume, k, prev, *args, **kwargs):
+        prompts[k] = prev.copy()
+        mask, conf, ok = real(st, volume, k, prev, *args, **kwargs)
+        return mask, conf, ok and k not in (8, 9)
+
+    monkeypatch.setattr(seg, "_propagate_one", failing)
+    free = seg.segment(vol).structures["ball"].present
+    assert free[3:8].all() and not free[8:].any()  # stopped after the two failing slices
+    prompts.clear()
+    res = seg.segment(vol, present_slices=(3, 10))
+    present = res.structures["ball"].present
+    assert present[3:11].all()
+    assert np.array_equal(prompts[10], get_slice(res.labels, 7) == 1)  # not slice 9's failed mask
+    assert dice_3d(res.labels == 1, lab == 1) > 0.8
+    with pytest.raises(SegmenterError, match="present_slices 5..30 is not within 0..13"):
+        seg.segment(vol, present_slices=(5, 30))

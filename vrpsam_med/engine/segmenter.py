@@ -618,12 +618,15 @@ class Segmenter:
 
     def segment(self, volume: Volume, structures: Sequence[str] | None = None, preset: str | None = None,
                 progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-                search_slices: tuple[int, int] | None = None) -> SegmentationResult:
+                search_slices: tuple[int, int] | None = None,
+                present_slices: tuple[int, int] | None = None) -> SegmentationResult:
         """Segment ``structures`` (default: all) in ``volume``; see the module docstring for how.
 
         ``search_slices`` (first, last), inclusive: in a volume without a reference, seeds are looked for only
         on these slices (a hint such as "the structure is within slices 40-80"; propagation still follows
-        the structure beyond them).
+        the structure beyond them). ``present_slices`` (first, last), inclusive: the structure is known to be on
+        every one of these slices, so propagation does not stop for absence inside them (and, when
+        ``search_slices`` is not given, seeds are looked for there).
         """
         t0 = time.perf_counter()
         encoded0 = self.cache.encoded
@@ -641,7 +644,8 @@ class Segmenter:
             st = self._structures[name]
             report = (lambda d, t, m, i=i: progress(i * 1000 + int(1000 * d / max(t, 1)), 1000 * len(names),
                                                     f"{name}: {m}")) if progress else None
-            res, mask3d = self._segment_structure(st, volume, preset, report, should_stop, search_slices)
+            res, mask3d = self._segment_structure(st, volume, preset, report, should_stop, search_slices,
+                                                  present_slices)
             conf = np.nan_to_num(res.confidence, nan=0.0).astype(np.float32)
             conf3d = np.broadcast_to(conf.reshape([-1 if a == st.axis else 1 for a in range(3)]), volume.shape)
             win = mask3d & (conf3d > best)
@@ -663,10 +667,12 @@ class Segmenter:
 
     def _segment_structure(self, st: _Structure, volume: Volume, preset: str | None,
                            progress: Progress | None, should_stop: Callable[[], bool] | None,
-                           search_slices: tuple[int, int] | None = None) -> tuple[StructureResult, np.ndarray]:
+                           search_slices: tuple[int, int] | None = None,
+                           present_slices: tuple[int, int] | None = None) -> tuple[StructureResult, np.ndarray]:
         ax, cfg = st.axis, self.config
         n = volume.shape[ax]
-        within = _search_range(volume, n, search_slices)
+        present = None if present_slices is None else _search_range(volume, n, present_slices, "present_slices")
+        within = _search_range(volume, n, search_slices) if search_slices is not None or present is None else present
         shape = slice_shape(volume.shape, ax)
         refs = [r[0] for r in st.references]
         vrp_cache: dict[int, tuple[np.ndarray, float, float, float]] = {}  # mask, presence, IoU, seed score
@@ -725,7 +731,7 @@ class Segmenter:
             if kept is not None and i >= len(attempts):
                 break  # the scan is the fallback when no registration seed led to enough structure
             masks, conf = self._propagate(st, volume, seeds, prior3d, bool(same), vrp, vrp_cache, shape, ax,
-                                          preset, progress, stop)
+                                          preset, progress, stop, present)
             looked |= np.isfinite(conf)
             mask3d = self._assemble(masks, seeds, volume.shape, ax)
             ml = float(mask3d.sum() * np.prod(volume.spacing) / 1000.0)
@@ -761,9 +767,13 @@ class Segmenter:
 
     def _propagate(self, st: _Structure, volume: Volume, seeds: list[tuple[int, np.ndarray]],
                    prior3d: np.ndarray | None, same: bool, vrp, vrp_cache, shape: tuple[int, int], ax: int,
-                   preset: str | None, progress: Progress | None, stop: Callable[[], None]
-                   ) -> tuple[dict[int, np.ndarray], np.ndarray]:
-        """Masks propagated outward from every seed: ({slice: mask}, per-slice confidence, NaN = not visited)."""
+                   preset: str | None, progress: Progress | None, stop: Callable[[], None],
+                   present: range | None = None) -> tuple[dict[int, np.ndarray], np.ndarray]:
+        """Masks propagated outward from every seed: ({slice: mask}, per-slice confidence, NaN = not visited).
+
+        On the slices of ``present`` the structure is known to be there: a mask that fails the checks is kept
+        when it is not empty but is not propagated from, and absence is not counted.
+        """
         cfg, n = self.config, volume.shape[ax]
         conf = np.full(n, np.nan, np.float32)
         masks: dict[int, np.ndarray] = {}
@@ -809,13 +819,19 @@ class Segmenter:
                     if progress:
                         progress(int(np.isfinite(conf).sum()), n, "slices")
                     stop()
+                    inside = present is not None and k in present
                     if ok:
                         masks[k], prev = mk, mk
-                        if absent:
+                        if inside:
+                            absent, streak, provisional = 0, 0, []
+                        elif absent:
                             streak += 1
                             provisional.append(k)
                             if streak >= confirm:
                                 absent, streak, provisional = 0, 0, []
+                    elif inside:  # kept, but the next slice is still decoded from the last mask that passed
+                        if mk.any():
+                            masks[k] = mk
                     else:
                         absent, streak = absent + 1, 0
                     k += step
@@ -1214,16 +1230,17 @@ def _coarse_to_fine(within: range, stride: int, evaluate: Callable[[Sequence[int
     return best()
 
 
-def _search_range(volume: Volume, n: int, search_slices: tuple[int, int] | None) -> range:
+def _search_range(volume: Volume, n: int, search_slices: tuple[int, int] | None, what: str = "search_slices"
+                  ) -> range:
     """``search_slices`` (first, last), inclusive, checked against a volume of ``n`` slices: a range."""
     if search_slices is None:
         return range(n)
     try:
         first, last = (int(v) for v in search_slices)
     except (TypeError, ValueError):
-        raise SegmenterError(f"{volume.name}: search_slices: expected (first, last); got {search_slices!r}") from None
+        raise SegmenterError(f"{volume.name}: {what}: expected (first, last); got {search_slices!r}") from None
     if not 0 <= first <= last < n:
-        raise SegmenterError(f"{volume.name}: search_slices {first}..{last} is not within 0..{n - 1}")
+        raise SegmenterError(f"{volume.name}: {what} {first}..{last} is not within 0..{n - 1}")
     return range(first, last + 1)
 
 

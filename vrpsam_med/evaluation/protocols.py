@@ -111,9 +111,10 @@ class _Segmenters:
         return propagate_labels(qvol, svol, (slab == value).astype(np.int16), self._transforms[key]) > 0
 
     def engine(self, svol: Volume, sk: int, mask2d: np.ndarray, qvol: Volume, kind: str, rng,
-               search_slices: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+               search_slices: tuple[int, int] | None = None, present_slices: tuple[int, int] | None = None
+               ) -> tuple[np.ndarray, dict]:
         """The volume engine: reference slice ``sk`` of ``svol`` -> (bool volume of ``qvol``, cost details);
-        ``search_slices``: where in ``qvol`` its seeds are looked for (``Segmenter.segment``)."""
+        ``search_slices`` / ``present_slices``: as in ``Segmenter.segment``."""
         from vrpsam_med.engine.segmenter import Segmenter
 
         annotation = simulate(mask2d, kind, rng)
@@ -129,7 +130,7 @@ class _Segmenters:
             while len(self._engines) > 32:  # references of earlier structures are not needed again
                 self._engines.pop(next(iter(self._engines)))
         seg = self._engines[key]
-        res = seg.segment(qvol, search_slices=search_slices)
+        res = seg.segment(qvol, search_slices=search_slices, present_slices=present_slices)
         st = res.structures["target"]
         return res.labels > 0, {"slices_visited": st.visited, "slices_in_volume": int(qvol.shape[2]),
                                 "encoded": res.encoded, "seconds": round(res.seconds, 3), "seeds": st.seeds}
@@ -276,10 +277,10 @@ def _fewshot_case(seg, svol, slab, qvol, qlab, value, wrong, kind, rng, n_chunks
         if not ref_mask.any():
             continue
         if seg.method == "engine":  # the whole query volume from this chunk's reference; the chunk is scored
-            # seeds only on the chunk's slices: the protocol prompts exactly those (every slice method is told
-            # where the chunk is), so the engine is not asked to find the structure along the axis by itself
-            vol_pred, _ = seg.engine(svol, sk, ref_mask, qvol, kind, rng,
-                                     search_slices=(int(part_q[0]), int(part_q[-1])))
+            # the protocol prompts exactly the chunk's slices, all of which hold the structure (every slice method
+            # is told so): seeds are looked for there, and propagation does not stop for absence there
+            chunk = (int(part_q[0]), int(part_q[-1]))
+            vol_pred, _ = seg.engine(svol, sk, ref_mask, qvol, kind, rng, search_slices=chunk, present_slices=chunk)
             pred[..., part_q] = vol_pred[..., part_q]
             continue
         ref = seg.reference(svol, sk, ref_mask, kind, rng)
