@@ -671,8 +671,9 @@ class Segmenter:
                            present_slices: tuple[int, int] | None = None) -> tuple[StructureResult, np.ndarray]:
         ax, cfg = st.axis, self.config
         n = volume.shape[ax]
-        present = None if present_slices is None else _search_range(volume, n, present_slices, "present_slices")
-        within = _search_range(volume, n, search_slices) if search_slices is not None or present is None else present
+        present = None if present_slices is None else _slice_range(volume, n, present_slices, "present_slices")
+        within = (_slice_range(volume, n, search_slices, "search_slices") if search_slices is not None
+                  else present or range(n))
         shape = slice_shape(volume.shape, ax)
         refs = [r[0] for r in st.references]
         vrp_cache: dict[int, tuple[np.ndarray, float, float, float]] = {}  # mask, presence, IoU, seed score
@@ -1230,15 +1231,13 @@ def _coarse_to_fine(within: range, stride: int, evaluate: Callable[[Sequence[int
     return best()
 
 
-def _search_range(volume: Volume, n: int, search_slices: tuple[int, int] | None, what: str = "search_slices"
-                  ) -> range:
-    """``search_slices`` (first, last), inclusive, checked against a volume of ``n`` slices: a range."""
-    if search_slices is None:
-        return range(n)
+def _slice_range(volume: Volume, n: int, slices: tuple[int, int], what: str) -> range:
+    """``slices`` (first, last), inclusive, checked against a volume of ``n`` slices: a range; ``what`` names
+    the argument in the error."""
     try:
-        first, last = (int(v) for v in search_slices)
+        first, last = (int(v) for v in slices)
     except (TypeError, ValueError):
-        raise SegmenterError(f"{volume.name}: {what}: expected (first, last); got {search_slices!r}") from None
+        raise SegmenterError(f"{volume.name}: {what}: expected (first, last); got {slices!r}") from None
     if not 0 <= first <= last < n:
         raise SegmenterError(f"{volume.name}: {what} {first}..{last} is not within 0..{n - 1}")
     return range(first, last + 1)

@@ -11,9 +11,9 @@
 Methods: ``vrp`` (the model, every target slice prompted independently), ``engine`` (the volume
 engine users run, :class:`~vrpsam_med.engine.segmenter.Segmenter`: seed, propagation with the
 neighbour's mask, 3D clean-up; in ``fewshot`` each chunk's support slice is its own 1-shot reference,
-the engine segments the query volume from it, seeding on the chunk's slices (the slices the protocol
-prompts), and the chunk's slices are scored; it reads the support
-and query scans' unlabelled slices, never another label), ``gt_box`` (ground-truth box per slice:
+the engine segments the query volume from it, seeding on the chunk's slices and told that each of them
+holds the structure (what the protocol tells every slice method), and the chunk's slices are scored; it
+reads the support and query scans' unlabelled slices, never another label), ``gt_box`` (ground-truth box per slice:
 upper bound), ``prototype`` (training-free: cosine similarity to the reference prototype -> box -> SAM),
 ``registration`` (the classic atlas method: affine SimpleITK registration of the support volume to
 the query, in-plane for few-slice stacks, its *whole* label of the structure warped onto the query;
