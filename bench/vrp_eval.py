@@ -6,7 +6,8 @@ Runs, for each dataset: the `fewshot` protocol with every annotation kind (VRP),
 control, the training-free prototype and GT-box baselines; and the `volume` protocol (VRP, GT box).
 A run is ``protocol:method:annotation[:flag...]``; flags: ``wrong`` (wrong-reference control),
 ``nostop`` (method ``engine`` without the stop rule fitted on labelled train slices and without
-``vrp_refine``, which consults the trained VRP encoder: nothing learned from labels but LiteMedSAM itself).
+``vrp_refine``, which consults the trained VRP encoder, and without VRP's scan as the last resort for a seed:
+nothing learned from labels but LiteMedSAM itself).
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def main() -> None:
                 raise SystemExit(f"{run}: unknown flag(s) {', '.join(sorted(unknown))}; use wrong, nostop")
             cfg = EvalConfig(protocol=protocol, annotation=kind, labels=SETS[name], method=method, max_cases=n,
                              wrong_reference="wrong" in flag)
-            engine_config = SegmenterConfig(stop_rule=None, vrp_refine=None) if "nostop" in flag else None
+            engine_config = (SegmenterConfig(stop_rule=None, vrp_refine=None, scan_fallback=False) if "nostop" in flag
+                             else None)
             t = time.perf_counter()
             res = evaluate(ds, cfg, cache, predictor if method in ("vrp", "engine") else None, progress=False,
                            engine_config=engine_config)

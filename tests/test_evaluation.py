@@ -157,8 +157,9 @@ def test_patient_id_keeps_frames_of_one_patient_together():
 
 def test_engine_fewshot_with_mask_references_learns_nothing_from_labels(tmp_path, cache, monkeypatch):
     """fewshot + engine: each chunk's support slice segments the query volume; with mask references and
-    ``vrp_refine`` off the learned VRP encoder is never called, so the result holds for structures no
-    model was trained on (the default ``vrp_refine`` consults it for structures it segments well)."""
+    ``vrp_refine`` and ``scan_fallback`` off the learned VRP encoder is never called, so the result holds for
+    structures no model was trained on (the default ``vrp_refine`` consults it for structures it segments well,
+    and VRP's scan is the default last resort for a seed)."""
     from vrpsam_med.engine.reference import ReferencePredictor
     from vrpsam_med.engine.segmenter import SegmenterConfig
     from vrpsam_med.models.vrp import VRPSAM, VRPEncoder
@@ -171,7 +172,7 @@ def test_engine_fewshot_with_mask_references_learns_nothing_from_labels(tmp_path
     monkeypatch.setattr(model, "reference_state", refuse)
     ds = MSDDataset.open(make_msd(tmp_path / "d"))
     res = evaluate(ds, EvalConfig(protocol="fewshot", method="engine", labels=["ball", "box"]), cache,
-                   ReferencePredictor(model, cache), engine_config=SegmenterConfig(vrp_refine=None))
+                   ReferencePredictor(model, cache), engine_config=SegmenterConfig(vrp_refine=None, scan_fallback=False))
     assert [r["support"] for r in res.per_case if r["label"] == "ball"] == ["case_1", "case_2", "case_0"]
     assert res.per_label["ball"] > 0.8 and res.per_label["box"] > 0.6, res.per_label
 

@@ -594,6 +594,47 @@ def test_a_seed_whose_structure_dies_out_gives_way_to_the_next_candidate(model_a
     assert seeds != [20] and found > 0.5 and scanned == 1
 
 
+def test_without_scan_fallback_the_vrp_encoder_is_never_called(model_and_cache, monkeypatch):
+    """``scan_fallback=False`` (novel-class evaluation): when no candidate seed leads to enough structure, or
+    the registration fails, VRP's own scan is not the last resort, so the encoder is never called."""
+    vol, lab, other, olab = _look_alike_first(monkeypatch)
+    calls = []
+    real_vrp = Segmenter._vrp
+    monkeypatch.setattr(Segmenter, "_vrp", lambda self, *a, **k: calls.append(1) or real_vrp(self, *a, **k))
+    found = {}
+    for fallback in (True, False):
+        seg = make(model_and_cache, min_volume_ratio=0.25, seed_retries=0, min_extent_ratio=0.0, vrp_refine=None,
+                   scan_fallback=fallback)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        found[fallback] = (seg.segment(other).structures["ball"].seeds, len(calls))
+        calls.clear()
+    assert found[True][1] > 0 and found[True][0] != [20]  # VRP's scan found the ball
+    assert found[False] == ([20], 0)  # the largest result (the look-alike's) kept, the encoder never called
+    monkeypatch.setattr(Segmenter, "_localise_registration", lambda *a, **k: None)  # the registration fails
+    seg = make(model_and_cache, vrp_refine=None, scan_fallback=False)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    res = seg.segment(other)
+    assert not calls and not res.labels.any() and res.structures["ball"].seeds == []
+
+
+def test_unchecked_seed_when_no_swept_slice_passes_the_check(model_and_cache, monkeypatch):
+    """With ``unchecked_seed`` the sweep's slice where SAM is most sure of the prior's box mask seeds even when
+    no candidate passes the prototype check (here: every seed check refused); without it nothing is found."""
+    vol, lab = phantom(n=24)
+    other, olab = phantom(shift=4, n=24)
+    real = Segmenter._looks_like
+    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, *a, seed=False, **k:
+                        (False, -1.0) if seed else real(self, *a, **k))
+    found = {}
+    for unchecked in (False, True):
+        seg = make(model_and_cache, vrp_refine=None, scan_fallback=False, unchecked_seed=unchecked)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        res = seg.segment(other)
+        found[unchecked] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1))
+    assert found[False] == ([], 0.0)
+    assert len(found[True][0]) == 1 and 3 <= found[True][0][0] <= 10 and found[True][1] > 0.5, found[True]
+
+
 def test_a_seed_whose_structure_is_too_short_gives_way_to_the_next_candidate(model_and_cache, monkeypatch):
     """The look-alike seed's structure may hold enough volume (min_volume_ratio 0 here) and still span far
     fewer slices than the reference's: with min_extent_ratio the next candidate seeds instead."""

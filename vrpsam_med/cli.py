@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", dest="engine_settings",
                    help="a volume-engine setting (SegmenterConfig field, YAML value) for --method engine, e.g. "
-                        "--engine vrp_refine=null (mask references then never call the learned VRP encoder); "
-                        "repeatable")
+                        "--engine vrp_refine=null --engine scan_fallback=false (mask references then never "
+                        "call the learned VRP encoder); repeatable")
     p.add_argument("--json", type=Path, default=None, dest="json_out", help="write results JSON here")
     p.add_argument("--overwrite", action="store_true")
     _add_model_options(p)

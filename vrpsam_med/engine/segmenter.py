@@ -115,6 +115,13 @@ class SegmenterConfig:
     confirm_after_absent: int = 2
     box_margin: float = 0.03  # neighbour's box grows by this share of its size (min 2 px) per side; tuned on train
     localisation: str = "registration"  # other volumes: "registration" (3D registration prior) | "scan" (VRP scan)
+    # "registration": when no seed of the prior leads to enough structure (or the registration fails), VRP's own scan
+    # is the last resort. False: never, so that with mask references the VRP encoder is never called (novel-class
+    # evaluation: the encoder was trained on the structures' labels)
+    scan_fallback: bool = True
+    # other volumes, "sweep": when no slice's mask passes the prototype check, the slice where SAM is most sure of
+    # the prior's box mask (its IoU estimate) seeds anyway, unchecked (for slices known to hold the structure)
+    unchecked_seed: bool = False
     # same, after a localised (not annotated) seed. "model": the model's own setting (engine/model_settings.py,
     # e.g. 0.1 for a decoder fine-tuned on loose boxes), else 0.03 (0.1 tied on train with LiteMedSAM's decoder)
     localised_box_margin: float | str = "model"
@@ -707,8 +714,10 @@ class Segmenter:
             raise SegmenterError(f"unknown localisation {cfg.localisation!r}; use scan or registration")
         # every slice where a registration prior's box looked right may still lead nowhere when the prior is
         # off in-plane too: then the last try is VRP's own scan, which needs no prior (not for an empty prior)
-        scan_last = (not same and attempts is not None and cfg.seed_search == "sweep"
+        scan_last = (not same and attempts is not None and cfg.seed_search == "sweep" and cfg.scan_fallback
                      and any(seeds for seeds, _ in attempts))
+        if attempts is None and cfg.localisation == "registration" and not cfg.scan_fallback:
+            attempts = [([], None)]
         if attempts is None:
             attempts = [(self._localise(st, volume, within, vrp, vrp_cache, shape, ax, preset), None)]
 
@@ -1070,6 +1079,7 @@ class Segmenter:
             first = min(max(first, within.start), within.stop - 1)
         stride = max(1, cfg.scan_stride)
         scores: dict[int, tuple[float, np.ndarray, tuple[int, int]]] = {}
+        unchecked: dict[int, tuple[float, np.ndarray, tuple[int, int]]] = {}  # SAM's IoU estimate alone
         offsets = [(0, 0)]
         if shift_mm > 0 and prior.any():
             dc, dr = (round(px) for px in _min_px(volume, ax, shift_mm))
@@ -1097,6 +1107,8 @@ class Segmenter:
                         value = max(iou, 0.0) * margin if looks else -1.0
                         if j not in scores or value > scores[j][0]:
                             scores[j] = (value, mask, offset)
+                        if mask.any() and (j not in unchecked or iou > unchecked[j][0]):
+                            unchecked[j] = (iou, mask, offset)
 
         sigma = cfg.sweep_prior_sigma_mm
         step_mm = float(volume.spacing[ax])
@@ -1121,6 +1133,9 @@ class Segmenter:
             top = max((j for j in near if j not in found), key=ranked)
             if scores[top][0] > 0:
                 found.append(top)
+        if not found and cfg.unchecked_seed and unchecked:
+            j = max(unchecked, key=lambda i: unchecked[i][0])
+            return [(j, unchecked[j][1], unchecked[j][2])]
         return [(j, scores[j][1], scores[j][2]) for j in found]
 
     @staticmethod
