@@ -1107,7 +1107,7 @@ class Segmenter:
                         value = max(iou, 0.0) * margin if looks else -1.0
                         if j not in scores or value > scores[j][0]:
                             scores[j] = (value, mask, offset)
-                        if mask.any() and (j not in unchecked or iou > unchecked[j][0]):
+                        if cfg.unchecked_seed and mask.any() and (j not in unchecked or iou > unchecked[j][0]):
                             unchecked[j] = (iou, mask, offset)
 
         sigma = cfg.sweep_prior_sigma_mm
