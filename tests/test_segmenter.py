@@ -340,6 +340,35 @@ def test_sweep_also_tries_the_prior_moved_in_plane(model_and_cache):
             make(model_and_cache, sweep_shift_mm=bad)
 
 
+def test_seed_context_weighs_the_sweep_by_the_band_around_the_mask(model_and_cache):
+    """seed_context_power: each reference keeps the prototype of the band around its mask; a sweep candidate's
+    score is multiplied by max(cos of its own band to it, 0) ** power. Surroundings unlike the reference's
+    (here: the reference band's prototype negated) then rule every candidate out, unless the power is 0;
+    bad powers are one-line errors."""
+    vol, lab = phantom()
+    ball = get_slice(lab, 6) == 1
+    band = Segmenter._band(ball)
+    assert band.any() and not (band & ball).any()
+    assert (band | ball).sum() <= ndimage.binary_dilation(ball, iterations=9).sum()
+    found = {}
+    for power in (0.0, 2.0):
+        seg = make(model_and_cache, scan_stride=3, seed_context_power=power)
+        seg.add_reference(vol, 6, Annotation.from_mask(ball), name="ball")
+        st = seg._structures["ball"]
+        assert len(st.contexts) == 1
+        assert torch.allclose(st.contexts[0], seg._prototypes(st.references[0][0].embedding, band)[0], atol=1e-4)
+        found[power, "same"] = seg._sweep(st, vol, ball, ball.shape, 2, None, None, first=6)
+        st.contexts = [-st.contexts[0]]
+        found[power, "unlike"] = seg._sweep(st, vol, ball, ball.shape, 2, None, None, first=6)
+    for key in ((0.0, "same"), (2.0, "same"), (0.0, "unlike")):
+        assert found[key] and 3 <= found[key][0][0] <= 10, key
+        assert dice_3d(found[key][0][1], get_slice(lab, found[key][0][0]) == 1) > 0.7, key
+    assert found[2.0, "unlike"] == []
+    for bad in (-1.0, float("inf"), "2", True):
+        with pytest.raises(SegmenterError, match="seed_context_power: expected a number >= 0"):
+            make(model_and_cache, seed_context_power=bad)
+
+
 def test_sweep_moves_the_prior_only_after_3d_registration(model_and_cache, monkeypatch):
     """Few-slice stacks are registered in-plane already: no moved placements there (config default too)."""
     shifts: list[float] = []
