@@ -506,8 +506,7 @@ class Segmenter:
     def _ring_similarity(self, emb: torch.Tensor, mask: np.ndarray, proto: torch.Tensor | None = None) -> float:
         """Cosine of the mask's prototype (``proto`` if given) to the tissue in a band just outside it (same
         slice); emb (C, 64, 64)."""
-        width = max(1, round(max(mask.shape) / 32))  # 8 px on a 256-px slice: two embedding cells
-        band = ndimage.binary_dilation(mask, iterations=width) & ~mask
+        band = self._band(mask)
         if not band.any():
             return 1.0
         proto = self._prototypes(emb, mask)[0] if proto is None else proto
