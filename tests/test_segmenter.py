@@ -369,35 +369,6 @@ def test_seed_context_weighs_the_sweep_by_the_band_around_the_mask(model_and_cac
             make(model_and_cache, seed_context_power=bad)
 
 
-def test_sweep_offset_consensus_picks_the_placement_that_wins_across_slices(model_and_cache, monkeypatch):
-    """sweep_offset_consensus: a moved placement that scores best on one slice only (a look-alike at an organ's
-    end) loses to the placement that scores well on every swept slice; off, the single best pair wins."""
-    vol, lab = phantom(n=14)
-    ball = get_slice(lab, 6) == 1
-    model, cache = model_and_cache
-    current: list[int] = []
-    real_get = cache.get
-    monkeypatch.setattr(cache, "get", lambda volume, idx, *a, **k: current.extend(idx) or real_get(volume, idx, *a, **k))
-    found = {}
-    for consensus in (False, True):
-        seg = make(model_and_cache, scan_stride=3, batch_size=1, sweep_offset_consensus=consensus)
-        seg.add_reference(vol, 6, Annotation.from_mask(ball), name="ball")
-        st = seg._structures["ball"]
-
-        def decode(emb, boxes, shape):
-            masks = np.zeros((len(boxes), *shape), bool)
-            for m, (x0, y0, x1, y1) in zip(masks, np.round(boxes).astype(int)):
-                m[max(y0, 0):y1, max(x0, 0):x1] = True
-            ious = np.array([0.5] + [0.9 if (i == 1 and current[-1] == 9) else 0.05 for i in range(1, len(boxes))])
-            return masks, ious
-
-        monkeypatch.setattr(seg, "_box_decode", decode)
-        monkeypatch.setattr(seg, "_looks_like", lambda *a, **k: (True, 1.0))
-        found[consensus] = seg._sweep(st, vol, ball, ball.shape, 2, None, None, first=6, shift_mm=12.0)
-    assert found[False][0][0] == 9 and found[False][0][2] != (0, 0)
-    assert found[True] and found[True][0][2] == (0, 0)
-
-
 def test_sweep_moves_the_prior_only_after_3d_registration(model_and_cache, monkeypatch):
     """Few-slice stacks are registered in-plane already: no moved placements there (config default too)."""
     shifts: list[float] = []

@@ -163,11 +163,6 @@ class SegmenterConfig:
     # mask to the band just outside the reference's) ** this; a look-alike neighbour has other surroundings.
     # Training-free. 0: off (CHAOS train, novel-class fewshot: 0.758 -> 0.764 at 4; docs/vrp.md)
     seed_context_power: float = 0.0
-    # other volumes, the sweep with sweep_shift_mm: the in-plane placement is the one whose scores summed over the
-    # swept slices are highest, then the best slice for that placement seeds (instead of the best (slice,
-    # placement) pair): a look-alike neighbour at an organ's end can win one slice, less often the whole sweep.
-    # Training-free. False: off
-    sweep_offset_consensus: bool = False
     # the sweep ranks slices by score x exp(-d^2 / 2 sigma^2), d = mm from the prior's largest slice (None: no weight).
     # Train pairs at 80 mm: CHAOS mean of 4 organs +0.04, BTCV -0.04 (right kidney +0.18, but the spleen and left
     # kidney seed past the organ in the pairs whose prior is off along the axis); off (docs/vrp.md)
@@ -1099,7 +1094,6 @@ class Segmenter:
             first = min(max(first, within.start), within.stop - 1)
         stride = max(1, cfg.scan_stride)
         scores: dict[int, tuple[float, np.ndarray, tuple[int, int]]] = {}
-        by_offset: dict[tuple[int, int], dict[int, tuple[float, np.ndarray]]] = {}  # offset -> slice -> score
         unchecked: dict[int, tuple[float, np.ndarray, tuple[int, int]]] = {}  # SAM's IoU estimate alone
         offsets = [(0, 0)]
         if shift_mm > 0 and prior.any():
@@ -1129,7 +1123,6 @@ class Segmenter:
                         if value > 0 and cfg.seed_context_power and st.contexts:
                             ctx = self._prototypes(e, self._band(mask))[0]
                             value *= max(max(float(ctx @ c) for c in st.contexts), 0.0) ** cfg.seed_context_power
-                        by_offset.setdefault(offset, {})[j] = (value, mask)
                         if j not in scores or value > scores[j][0]:
                             scores[j] = (value, mask, offset)
                         if cfg.unchecked_seed and mask.any() and (j not in unchecked or iou > unchecked[j][0]):
@@ -1145,11 +1138,6 @@ class Segmenter:
             return value * float(np.exp(-0.5 * ((j - first) * step_mm / sigma) ** 2))
 
         score(([first] if first is not None else []) + list(range(within.start, within.stop, stride)))
-        if cfg.sweep_offset_consensus and len(placed) > 1:
-            total = {o: sum(max(v, 0.0) for v, _ in per.values()) for o, per in by_offset.items()}
-            best = max(total, key=lambda o: (total[o], o == (0, 0)))
-            placed = [(o, p) for o, p in placed if o == best]  # the neighbours' refinement tries it alone
-            scores = {j: (v, m, best) for j, (v, m) in by_offset[best].items()}
         hits: list[int] = []
         for j in sorted(scores, key=lambda j: -ranked(j)):
             if scores[j][0] <= 0 or len(hits) == count:
