@@ -8,7 +8,8 @@ setting per variant (``key=value``; several joined with ``;``). Every ordered pa
 patients: reference = the structure's largest slice in one, target = the other's whole volume
 (registration prior). Per variant and structure: mean 3D Dice and the share of slices without the
 structure that got a mask (pooled over all empty slices). ``VERBOSE=1`` also prints every pair:
-seeds, seed-slice Dice, 3D Dice, and the slice range of the structure and of the prediction.
+seeds, seed-slice Dice, 3D Dice, the slice range of the structure and of the prediction, and whether the
+result reached the reference structure's size (``StructureResult.matches_reference``).
 ``MODEL=RUN_DIR`` uses a fine-tuned model; ``PAIRS=0-3,1-2`` keeps only those (reference, target)
 pairs; ``SKIP=k`` passes over the first k patients. ``JOINT=1`` segments the structures together (one
 Segmenter per reference patient), so few-slice stacks get one joint placement.
@@ -63,7 +64,7 @@ def main() -> None:
                         print(spec, ri, ti, s, "seeds", seeds, "seed Dice",
                               [round(dice_3d(pred[..., k], gt[..., k]), 2) for k in seeds],
                               "Dice", round(dice_3d(pred, gt), 3), "slices", _extent(gt), "predicted",
-                              _extent(pred), flush=True)
+                              _extent(pred), "matches_reference", out.structures[s].matches_reference, flush=True)
                     res.setdefault(s, []).append(score(pred, gt))
         print(spec or "defaults", f"({time.perf_counter() - t:.0f} s)", summarise(res), flush=True)
 

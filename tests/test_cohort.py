@@ -86,6 +86,8 @@ def test_cohort_corrupt_scan_outputs_and_rerun(cohort, tmp_path):
         assert rep["source"] == str(src) and rep["model"]["backbone"]
         assert rep["generator"].startswith("vrpsam-med") and set(rep["volumes_ml"]) == {"label_1", "label_2"}
         assert len(rep["structures"]["label_1"]["confidence"]) == img.shape[2]
+        if case in ("ref", "p1"):  # checked against the reference's size only in another patient's scan
+            assert rep["structures"]["label_1"]["matches_reference"] is (None if case == "ref" else True)
         assert rep["extra"]["reference"]["slice"] == SLICE and "segment" in rep["extra"]["timings_s"]
         with Image.open(out / case / f"{case}_qc.png") as qc:
             assert qc.size[0] >= 64 and qc.mode == "RGB"

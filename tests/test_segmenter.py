@@ -922,3 +922,24 @@ def test_present_slices_propagation_does_not_stop_inside_them(model_and_cache, m
     assert dice_3d(res.labels == 1, lab == 1) > 0.8
     with pytest.raises(SegmenterError, match="present_slices 5..30 is not within 0..13"):
         seg.segment(vol, present_slices=(5, 30))
+
+
+def test_a_result_below_the_reference_size_is_flagged_for_review(model_and_cache, monkeypatch):
+    """With no candidate left but the look-alike (no retries, no scan), the largest result is kept and flagged
+    (report + a one-line warning); with retries the ball is found and passes; in the reference's own volume
+    nothing is checked."""
+    vol, lab, other, olab = _look_alike_first(monkeypatch)
+    flags = {}
+    for retries in (0, 2):
+        seg = make(model_and_cache, seed_retries=retries, scan_fallback=False, min_extent_ratio=0.0)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        res = seg.segment(other)
+        st = res.structures["ball"]
+        flags[retries] = (st.matches_reference, res.warnings(), res.report()["structures"]["ball"])
+    passed, warnings, report = flags[0]
+    assert passed is False and report["matches_reference"] is False and report["reference_ml"] > 0
+    assert len(warnings) == 1 and warnings[0].startswith("ball: no candidate seed") and "\n" not in warnings[0]
+    passed, warnings, report = flags[2]
+    assert passed is True and warnings == [] and report["matches_reference"] is True
+    own = seg.segment(vol).structures["ball"]
+    assert own.matches_reference is None and own.reference_ml is None

@@ -378,6 +378,7 @@ def process_case(spec: ReferenceSpec, engine: EngineSpec, target: Target, out_di
         t2 = time.perf_counter()
         notes = [one_line(w.message) for w in caught] + compare_to_reference(ref.volume, volume)
         result = seg.segment(volume, preset=spec.preset)
+        notes += result.warnings()
         t3 = time.perf_counter()
         timings = {"model_and_reference": round(t1 - t0, 3), "load": round(t2 - t1, 3),
                    "segment": round(t3 - t2, 3)}

@@ -212,6 +212,11 @@ class StructureResult:
     seeds: list[int]
     visited: int  # slices looked at for this structure
     volume_ml: float = 0.0
+    # another volume: did the result reach min_volume_ratio and min_extent_ratio of the reference structure
+    # (mL, mm)? False: no candidate seed did, and the largest result was kept (review it). None: not checked
+    # (the reference's own volume, or no registration prior)
+    matches_reference: bool | None = None
+    reference_ml: float | None = None  # the reference structure's volume (its segmented volume), when checked
 
     def uncertain_slices(self, n: int = 8) -> list[int]:
         """Present slices with the lowest confidence first (review order)."""
@@ -233,6 +238,12 @@ class SegmentationResult:
     def label_names(self) -> dict[int, str]:
         return {s.value: s.name for s in self.structures.values()}
 
+    def warnings(self) -> list[str]:
+        """One line per structure whose result did not reach the reference structure's size (review those)."""
+        return [f"{s.name}: no candidate seed led to a structure of the reference's size ({s.volume_ml:.1f} mL "
+                f"found, {s.reference_ml:.1f} mL in the reference); the largest was kept: review it"
+                for s in self.structures.values() if s.matches_reference is False]
+
     def report(self) -> dict:
         """A JSON-ready summary (per-slice confidence, volumes in mL, cost)."""
         return {
@@ -242,6 +253,8 @@ class SegmentationResult:
             "structures": {
                 name: {
                     "value": s.value, "volume_ml": round(s.volume_ml, 3), "seeds": s.seeds,
+                    "matches_reference": s.matches_reference,
+                    "reference_ml": None if s.reference_ml is None else round(s.reference_ml, 3),
                     "slices_visited": s.visited, "present_slices": np.flatnonzero(s.present).tolist(),
                     "confidence": [None if np.isnan(c) else round(float(c), 4) for c in s.confidence],
                 } for name, s in self.structures.items()
@@ -752,6 +765,7 @@ class Segmenter:
         best = None  # (mL, seeds, confidence, mask3d) of the largest result so far
         kept = None  # ("best" choice) (look, seeds, confidence, mask3d) of the best-looking big-enough result
         looked = np.zeros(n, bool)
+        passed = None  # did a kept result reach the reference's size? (None: not checked)
         for i, (seeds, prior3d) in enumerate(tries()):
             if kept is not None and i >= len(attempts):
                 break  # the scan is the fallback when no registration seed led to enough structure
@@ -766,6 +780,7 @@ class Segmenter:
             long_enough = expected_mm is None or mm >= cfg.min_extent_ratio * expected_mm
             if expected_ml is None or (ml >= cfg.min_volume_ratio * expected_ml and long_enough):
                 if cfg.seed_choice == "first" or expected_ml is None:
+                    passed = None if expected_ml is None else True
                     break
                 look = self._structure_look(st, volume, mask3d, ax, preset)
                 if kept is None or look > kept[0]:
@@ -773,9 +788,16 @@ class Segmenter:
                 continue
             log.info("%s: %s from slice %s has %.1f mL / %.0f mm of the reference's %.1f mL / %.0f mm; trying the "
                      "next seed", volume.name, st.name, [k for k, _ in seeds], ml, mm, expected_ml, expected_mm)
+        if kept is not None:
+            passed = True
+        elif passed is None and expected_ml is not None:
+            passed = False
+            log.info("%s: no candidate seed of %s reached the reference's size; kept the largest (%.1f mL)",
+                        volume.name, st.name, best[0])
         _, seeds, conf, mask3d = kept or best
         present = mask3d.any(axis=tuple(a for a in range(3) if a != ax))
-        return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], int(looked.sum())), mask3d
+        return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], int(looked.sum()),
+                               matches_reference=passed, reference_ml=expected_ml), mask3d
 
     def _structure_look(self, st: _Structure, volume: Volume, mask3d: np.ndarray, ax: int, preset: str | None
                         ) -> float:

@@ -133,7 +133,8 @@ class _Segmenters:
         res = seg.segment(qvol, search_slices=search_slices, present_slices=present_slices)
         st = res.structures["target"]
         return res.labels > 0, {"slices_visited": st.visited, "slices_in_volume": int(qvol.shape[2]),
-                                "encoded": res.encoded, "seconds": round(res.seconds, 3), "seeds": st.seeds}
+                                "encoded": res.encoded, "seconds": round(res.seconds, 3), "seeds": st.seeds,
+                                "matches_reference": st.matches_reference}
 
     def reference(self, volume: Volume, k: int, mask2d: np.ndarray, kind: str, rng) -> Reference:
         return make_reference(self.cache, volume, k, simulate(mask2d, kind, rng))
