@@ -52,10 +52,11 @@ def main() -> None:
                 def cos(m: np.ndarray, n: int) -> float:
                     p = seg._prototypes(e, m)[0]
                     return max(float(p @ q) for q in protos[:n])
+                labels = get_slice(tl, int(z))
+                organs = [labels == ds.label_value(o) for o in OTHERS if o != structure]
                 for i, n in enumerate((1, len(protos))):
-                    own = cos(get_slice(tl == value, z), n)
-                    other = [cos(get_slice(tl == ds.label_value(o), z), n) for o in OTHERS
-                             if o != structure and get_slice(tl == ds.label_value(o), z).sum() >= 30]
+                    own = cos(labels == value, n)
+                    other = [cos(m, n) for m in organs if m.sum() >= 30]
                     wins[i] += own > max(other, default=-1.0)
             print(f"{r} -> {t} {structure}: the target's own structure looks most like the reference on "
                   f"{wins[0]}/5 slices (reference as is), {wins[1]}/5 (best of it and its contrast variants)",

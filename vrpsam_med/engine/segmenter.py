@@ -765,7 +765,7 @@ class Segmenter:
         best = None  # (mL, seeds, confidence, mask3d) of the largest result so far
         kept = None  # ("best" choice) (look, seeds, confidence, mask3d) of the best-looking big-enough result
         looked = np.zeros(n, bool)
-        passed = None  # did a kept result reach the reference's size? (None: not checked)
+        passed = False  # did a result reach the reference's size? (only meaningful with an expected_ml)
         for i, (seeds, prior3d) in enumerate(tries()):
             if kept is not None and i >= len(attempts):
                 break  # the scan is the fallback when no registration seed led to enough structure
@@ -780,7 +780,7 @@ class Segmenter:
             long_enough = expected_mm is None or mm >= cfg.min_extent_ratio * expected_mm
             if expected_ml is None or (ml >= cfg.min_volume_ratio * expected_ml and long_enough):
                 if cfg.seed_choice == "first" or expected_ml is None:
-                    passed = None if expected_ml is None else True
+                    passed = True
                     break
                 look = self._structure_look(st, volume, mask3d, ax, preset)
                 if kept is None or look > kept[0]:
@@ -788,16 +788,14 @@ class Segmenter:
                 continue
             log.info("%s: %s from slice %s has %.1f mL / %.0f mm of the reference's %.1f mL / %.0f mm; trying the "
                      "next seed", volume.name, st.name, [k for k, _ in seeds], ml, mm, expected_ml, expected_mm)
-        if kept is not None:
-            passed = True
-        elif passed is None and expected_ml is not None:
-            passed = False
+        matches = None if expected_ml is None else passed or kept is not None
+        if matches is False:
             log.info("%s: no candidate seed of %s reached the reference's size; kept the largest (%.1f mL)",
-                        volume.name, st.name, best[0])
+                     volume.name, st.name, best[0])
         _, seeds, conf, mask3d = kept or best
         present = mask3d.any(axis=tuple(a for a in range(3) if a != ax))
         return StructureResult(st.name, st.value, conf, present, [k for k, _ in seeds], int(looked.sum()),
-                               matches_reference=passed, reference_ml=expected_ml), mask3d
+                               matches_reference=matches, reference_ml=expected_ml), mask3d
 
     def _structure_look(self, st: _Structure, volume: Volume, mask3d: np.ndarray, ax: int, preset: str | None
                         ) -> float:
