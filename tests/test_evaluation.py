@@ -172,7 +172,10 @@ def test_engine_fewshot_with_mask_references_learns_nothing_from_labels(tmp_path
     monkeypatch.setattr(model, "reference_state", refuse)
     ds = MSDDataset.open(make_msd(tmp_path / "d"))
     res = evaluate(ds, EvalConfig(protocol="fewshot", method="engine", labels=["ball", "box"]), cache,
-                   ReferencePredictor(model, cache), engine_config=SegmenterConfig(vrp_refine=None, scan_fallback=False))
+                   ReferencePredictor(model, cache),
+                   # slab_max_slices: these 9-slice volumes are registered in 3D, not placed by matching the reference
+                   # slice's embedding in 8 orientations (8 more encodes per support slice; tested in test_segmenter.py)
+                   engine_config=SegmenterConfig(vrp_refine=None, scan_fallback=False, slab_max_slices=4))
     assert [r["support"] for r in res.per_case if r["label"] == "ball"] == ["case_1", "case_2", "case_0"]
     assert res.per_label["ball"] > 0.8 and res.per_label["box"] > 0.6, res.per_label
 

@@ -43,3 +43,39 @@ def test_similarity_transform_finds_the_shift_and_unknown_kinds_are_refused():
     assert abs(abs(offset[0]) - 6.0) < 2.0, offset
     with pytest.raises(ValueError, match="unknown registration transform 'bspline'"):
         registration.register(fixed, moving, transform="bspline")
+
+
+def _body_section(first: int, count: int, seed: int) -> Volume:
+    """``count`` 4 mm slices from ``first`` of a 100-slice trunk: dark lungs, then a bright organ, then a
+    plain belly, then a bright pelvis; world z = slice x 4 mm, so both sections share one world frame."""
+    z = np.arange(first, first + count)
+    x, y = np.mgrid[:64, :64]
+    body = ((x - 32) / 26) ** 2 + ((y - 32) / 20) ** 2 <= 1
+    img = np.zeros((64, 64, count), np.float32)
+    for i, k in enumerate(z):
+        s = np.where(body, 90.0, 0.0)
+        if k < 30:  # lungs, two dark lobes
+            s[(((x - 20) / 9) ** 2 + ((y - 32) / 12) ** 2 <= 1) | (((x - 44) / 9) ** 2 + ((y - 32) / 12) ** 2 <= 1)] = 15
+        elif k < 50:  # an organ on one side
+            s[((x - 22) / 12) ** 2 + ((y - 30) / 10) ** 2 <= 1] = 200
+        elif k >= 80:  # a pelvic ring
+            r = ((x - 32) / 20) ** 2 + ((y - 32) / 15) ** 2
+            s[(r <= 1) & (r >= 0.6)] = 255
+        img[:, :, i] = s
+    img += np.random.default_rng(seed).normal(0, 5, img.shape).astype(np.float32)
+    affine = np.diag([-2.0, -2.0, 4.0, 1.0])
+    affine[2, 3] = 4.0 * first
+    return Volume(img, affine, modality="CT")
+
+
+def test_axial_starts_align_scans_whose_fields_of_view_differ():
+    # fixed: chest to belly (slices 0-59); moving: lung bases to pelvis (20-99). Their centres of mass
+    # are ~120 mm apart along the body, so the plain start aligns the wrong anatomy.
+    fixed, moving = _body_section(0, 60, 0), _body_section(20, 80, 1)
+    organ = (0.0, 0.0, 4.0 * 40)  # world z of the organ's middle, the same point in both scans
+    errors = {}
+    for starts in ((), tuple(float(d) for d in range(-200, 201, 40) if d)):
+        tx = registration.register(fixed, moving, transform="similarity", axial_starts_mm=starts)
+        errors[bool(starts)] = abs(tx.TransformPoint(organ)[2] - organ[2])
+    assert errors[True] < 12.0, errors  # within 3 slices
+    assert errors[False] > 40.0, errors  # the case the starts are for (if this passes, the test shows nothing)

@@ -340,6 +340,7 @@ def test_sweep_also_tries_the_prior_moved_in_plane(model_and_cache):
             make(model_and_cache, sweep_shift_mm=bad)
 
 
+@pytest.mark.slow  # an opt-in setting (off by default); its validation is in test_opt_in_settings_are_validated
 def test_seed_context_weighs_the_sweep_by_the_band_around_the_mask(model_and_cache):
     """seed_context_power: each reference keeps the prototype of the band around its mask; a sweep candidate's
     score is multiplied by max(cos of its own band to it, 0) ** power. Surroundings unlike the reference's
@@ -364,9 +365,6 @@ def test_seed_context_weighs_the_sweep_by_the_band_around_the_mask(model_and_cac
         assert found[key] and 3 <= found[key][0][0] <= 10, key
         assert dice_3d(found[key][0][1], get_slice(lab, found[key][0][0]) == 1) > 0.7, key
     assert found[2.0, "unlike"] == []
-    for bad in (-1.0, float("inf"), "2", True):
-        with pytest.raises(SegmenterError, match="seed_context_power: expected a number >= 0"):
-            make(model_and_cache, seed_context_power=bad)
 
 
 def test_sweep_moves_the_prior_only_after_3d_registration(model_and_cache, monkeypatch):
@@ -528,15 +526,17 @@ def test_registration_transform_setting_reaches_the_3d_registration(model_and_ca
 
     kinds = []
     real = registration.register
-    monkeypatch.setattr(registration, "register", lambda *a, **k: kinds.append(k.get("transform")) or real(*a, **k))
+    monkeypatch.setattr(registration, "register", lambda *a, **k: kinds.append(
+        (k.get("transform"), k.get("axial_starts_mm"))) or real(*a, **k))
     vol, lab = phantom(n=24)
     other, olab = phantom(shift=4, n=24)
-    for transform in ("affine", "similarity"):
-        seg = make(model_and_cache, registration_transform=transform)
+    for transform, starts in (("affine", False), ("similarity", True)):
+        seg = make(model_and_cache, registration_transform=transform, registration_axial_starts=starts)
         seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
         found = seg.segment(other).labels == 1
         assert dice_3d(found, olab == 1) > 0.5
-    assert kinds == ["affine", "similarity"]  # 24 slices: a 3D registration, one per setting
+    # 24 slices: a 3D registration, one per setting
+    assert kinds == [("affine", ()), ("similarity", registration.AXIAL_STARTS_MM)]
     with pytest.raises(SegmenterError, match="registration_transform: expected one of affine, similarity; got 'rigid'"):
         make(model_and_cache, registration_transform="rigid")
 
@@ -646,6 +646,7 @@ def test_without_scan_fallback_the_vrp_encoder_is_never_called(model_and_cache, 
     assert not calls and not res.labels.any() and res.structures["ball"].seeds == []
 
 
+@pytest.mark.slow  # an opt-in setting (off by default)
 def test_unchecked_seed_when_no_swept_slice_passes_the_check(model_and_cache, monkeypatch):
     """With ``unchecked_seed`` the sweep's slice where SAM is most sure of the prior's box mask seeds even when
     no candidate passes the prototype check (here: every seed check refused); without it nothing is found."""
@@ -678,6 +679,7 @@ def test_a_seed_whose_structure_is_too_short_gives_way_to_the_next_candidate(mod
     assert found[0.5][0] != [20] and found[0.5][1] > 0.5
 
 
+@pytest.mark.slow  # an opt-in setting (seed_choice="first" by default)
 def test_best_seed_choice_keeps_the_candidate_that_looks_most_like_the_reference(model_and_cache, monkeypatch):
     """Both candidates lead to enough structure (min_volume_ratio 0): "first" keeps the look-alike the sweep
     ranked first, "best" propagates both and keeps the one whose slices look like the reference."""
@@ -690,6 +692,11 @@ def test_best_seed_choice_keeps_the_candidate_that_looks_most_like_the_reference
         found[choice] = (res.structures["ball"].seeds, dice_3d(res.labels == 1, olab == 1))
     assert found["first"][0] == [20] and found["first"][1] < 0.1
     assert found["best"][0] != [20] and found["best"][1] > 0.5
+
+
+def test_opt_in_settings_are_validated(model_and_cache):
+    """Bad values of the engine's settings (opt-in ones included, whose behaviour tests are marked slow) are
+    one-line errors naming the setting."""
     with pytest.raises(SegmenterError, match="slab_registration: expected features or intensity"):
         make(model_and_cache, slab_registration="mi")
     with pytest.raises(SegmenterError, match="sweep_prior_sigma_mm: expected a distance in mm > 0 or None"):
@@ -698,6 +705,9 @@ def test_best_seed_choice_keeps_the_candidate_that_looks_most_like_the_reference
         make(model_and_cache, min_extent_ratio=2)
     with pytest.raises(SegmenterError, match="seed_choice: expected first or best"):
         make(model_and_cache, seed_choice="largest")
+    for bad in (-1.0, float("inf"), "2", True):
+        with pytest.raises(SegmenterError, match="seed_context_power: expected a number >= 0"):
+            make(model_and_cache, seed_context_power=bad)
 
 
 def test_localised_box_floor_in_mm_applies_in_other_volumes_only(model_and_cache, monkeypatch):

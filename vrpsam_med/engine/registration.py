@@ -68,24 +68,69 @@ def _affine_method(init: sitk.Transform, seed: int, sampling: float, iterations:
 
 
 TRANSFORMS = ("affine", "similarity")
+# shifts along the body tried by ``register(axial_starts_mm=...)`` in the engine and benchmarks
+AXIAL_STARTS_MM = tuple(float(d) for d in range(-200, 201, 40) if d)
 
 
 def register(fixed: Volume, moving: Volume, deformable: bool = False, seed: int = 1,
-             transform: str = "affine") -> sitk.Transform:
+             transform: str = "affine", axial_starts_mm: tuple[float, ...] = ()) -> sitk.Transform:
     """Transform mapping ``fixed`` (query) physical points into ``moving`` (support) space.
 
     ``transform``: "affine" (12 parameters) or "similarity" (rotation, translation, one scale: 7),
-    both initialised at the images' intensity centres of mass. ``seed`` fixes the metric's random
-    sampling (SimpleITK reads 0 as "seed from the clock"); with :data:`REGISTRATION_THREADS` = 1 the
-    same pair always gives the same transform.
+    both initialised at the images' intensity centres of mass. ``axial_starts_mm``: also start from
+    the centres of mass shifted by these distances along the world's head-feet axis, each refined
+    briefly at the coarsest level, and go on from the one with the best metric (scans with another
+    field of view: their centres of mass differ along the body by up to ~200 mm). ``seed`` fixes the
+    metric's random sampling (SimpleITK reads 0 as "seed from the clock"); with
+    :data:`REGISTRATION_THREADS` = 1 the same pair always gives the same transform.
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown registration transform {transform!r}; use one of {', '.join(TRANSFORMS)}")
     with _reproducible_threads():
-        return _register(fixed, moving, deformable, seed, transform)
+        return _register(fixed, moving, deformable, seed, transform, tuple(axial_starts_mm))
 
 
-def _register(fixed: Volume, moving: Volume, deformable: bool, seed: int, transform: str) -> sitk.Transform:
+def _z_range(img: sitk.Image) -> tuple[float, float]:
+    """World z (head-feet) range of an image's voxel centres, through its middle column."""
+    cx, cy, nz = (img.GetSize()[0] - 1) / 2, (img.GetSize()[1] - 1) / 2, img.GetSize()[2] - 1
+    a, b = (img.TransformContinuousIndexToPhysicalPoint((cx, cy, float(k)))[2] for k in (0, nz))
+    return min(a, b), max(a, b)
+
+
+def _axial_overlap(tx: sitk.Transform, f: sitk.Image, m: sitk.Image) -> float:
+    """Share of the shorter scan's length along z that overlaps the other once ``tx`` maps fixed into moving."""
+    lo, hi = _z_range(f)
+    cx, cy = (f.TransformContinuousIndexToPhysicalPoint(((f.GetSize()[0] - 1) / 2, (f.GetSize()[1] - 1) / 2, 0.0)))[:2]
+    a, b = (tx.TransformPoint((cx, cy, z))[2] for z in (lo, hi))
+    mlo, mhi = _z_range(m)
+    shorter = min(hi - lo, mhi - mlo)
+    return max(0.0, min(max(a, b), mhi) - max(min(a, b), mlo)) / shorter if shorter > 0 else 1.0
+
+
+def _best_axial_start(f: sitk.Image, m: sitk.Image, init: sitk.Transform, seed: int,
+                      starts_mm: tuple[float, ...], shrink: int, min_overlap: float = 0.5) -> sitk.Transform:
+    """``init`` or ``init`` shifted along world z by one of ``starts_mm``: the one whose short coarse-level
+    registration ends at the lowest metric (negative mutual information), among those that leave at least
+    ``min_overlap`` of the shorter scan overlapping the other (a sliver of overlap can score well by chance)."""
+    best: tuple[float, sitk.Transform] | None = None
+    for dz in (0.0, *starts_mm):
+        start = init.__class__(init)
+        tx, ty, tz = start.GetTranslation()
+        start.SetTranslation((tx, ty, tz + float(dz)))
+        reg = _affine_method(start, seed, 0.05, 30, [(shrink, shrink / 2)])
+        try:
+            out = reg.Execute(f, m)
+        except RuntimeError:  # too little overlap at this shift
+            continue
+        if _axial_overlap(out, f, m) < min_overlap:
+            continue
+        if best is None or reg.GetMetricValue() < best[0]:
+            best = (reg.GetMetricValue(), start)
+    return init if best is None else best[1]
+
+
+def _register(fixed: Volume, moving: Volume, deformable: bool, seed: int, transform: str,
+              axial_starts_mm: tuple[float, ...] = ()) -> sitk.Transform:
     f = sitk.Cast(_image(fixed, model_intensities(fixed)), sitk.sitkFloat32)
     m = sitk.Cast(_image(moving, model_intensities(moving)), sitk.sitkFloat32)
     kind = sitk.AffineTransform(3) if transform == "affine" else sitk.Similarity3DTransform()
@@ -93,6 +138,8 @@ def _register(fixed: Volume, moving: Volume, deformable: bool, seed: int, transf
     # multi-resolution pyramid, without levels that would shrink the thinnest axis below 4 voxels
     small = min(min(f.GetSize()), min(m.GetSize()))
     pyramid = [(sf, sig) for sf, sig in ((4, 2), (2, 1)) if small // sf >= 4] + [(1, 0)]
+    if axial_starts_mm:
+        init = _best_axial_start(f, m, init, seed, axial_starts_mm, pyramid[0][0])
     reg = _affine_method(init, seed, 0.05, 200, pyramid)
     affine = reg.Execute(f, m)
     if not deformable:

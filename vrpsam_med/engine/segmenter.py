@@ -132,6 +132,11 @@ class SegmenterConfig:
     # placed kidneys better on train pairs and is about twice as fast (docs/vrp.md, "The registration prior's
     # transform")
     registration_transform: str = "similarity"
+    # other volumes: the registration also starts from the centres of mass shifted by -200..200 mm (40 mm steps)
+    # along the body and keeps the best-matching start (scans with another field of view). Opt-in: on BTCV train
+    # pairs it moved the warped kidneys 118-224 mm -> 36-54 mm into btcv_04 but made btcv_00 -> 05 worse, at 3x
+    # the registration time; not yet measured in the engine (docs/vrp.md, "Registration started along the body")
+    registration_axial_starts: bool = False
     # other volumes: where the seed goes. "sweep": the slice along the axis where the prior's in-plane box segments
     # something most like the reference (the prior's largest slice is one candidate); "prior": the prior's largest
     # slice unless its mask fails the prototype check (then the sweep). A prior off along the axis by 70 mm still
@@ -1054,6 +1059,7 @@ class Segmenter:
         (engine/feature_match.py); "intensity" registers the whole image.
         """
         from vrpsam_med.engine.registration import (
+            AXIAL_STARTS_MM,
             propagate_labels,
             propagate_slab_volume,
             register,
@@ -1063,9 +1069,11 @@ class Segmenter:
         # one registration per (reference volume, target) pair, shared by every structure segmented in it
         key = (ref_vol.digest(), volume.digest(), ax, preset)
         if not self._few_slices(volume, ref_vol, ax):
-            key += (self.config.registration_transform,)
+            key += (self.config.registration_transform, self.config.registration_axial_starts)
             if key not in self._transforms:
-                self._transforms[key] = register(volume, ref_vol, transform=self.config.registration_transform)
+                starts = AXIAL_STARTS_MM if self.config.registration_axial_starts else ()
+                self._transforms[key] = register(volume, ref_vol, transform=self.config.registration_transform,
+                                                 axial_starts_mm=starts)
             return propagate_labels(volume, ref_vol, atlas.astype(np.int16), self._transforms[key]) > 0
         if self.config.slab_registration == "features":
             return from_shown_slices(self._match_slab(shown_slices(atlas, ax), ref_vol, volume, ax, preset,
