@@ -36,6 +36,7 @@ def main() -> None:
     name, n, structures, kinds = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(","), sys.argv[4].split(",")
     ds = MSDDataset.open(DATA / name)
     k = int(sys.argv[5]) if len(sys.argv) > 5 else None
+    skip = int(os.environ.get("SKIP", "0"))  # as first_volumes reads it: printed indices are the patients'
     loaded = first_volumes(ds, n)
     pairs = [(ri, ti) for ri in range(n) for ti in range(n) if ti != ri and (k is None or (ri < k <= ti))]
     dice: dict[tuple[str, str], list[float]] = {}
@@ -60,8 +61,7 @@ def main() -> None:
                 dice.setdefault((kind, s), []).append(d)
                 error.setdefault((kind, s), []).append(e)
                 row.append(f"{kind} {s} {d:.2f} / {e:.0f} mm")
-        print(ri + int(os.environ.get("SKIP", "0")), ti + int(os.environ.get("SKIP", "0")), "; ".join(row),
-              flush=True)
+        print(ri + skip, ti + skip, "; ".join(row), flush=True)
     print(f"\n| transform ({len(pairs)} pairs): Dice / median centroid error mm | " + " | ".join(structures)
           + " | mean Dice | s per registration |")
     print("|---" * (len(structures) + 3) + "|")

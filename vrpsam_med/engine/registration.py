@@ -90,17 +90,21 @@ def register(fixed: Volume, moving: Volume, deformable: bool = False, seed: int 
         return _register(fixed, moving, deformable, seed, transform, tuple(axial_starts_mm))
 
 
+def _middle_column(img: sitk.Image, k: float) -> tuple[float, float, float]:
+    """World point of continuous index (middle x, middle y, ``k``)."""
+    return img.TransformContinuousIndexToPhysicalPoint(((img.GetSize()[0] - 1) / 2, (img.GetSize()[1] - 1) / 2, k))
+
+
 def _z_range(img: sitk.Image) -> tuple[float, float]:
     """World z (head-feet) range of an image's voxel centres, through its middle column."""
-    cx, cy, nz = (img.GetSize()[0] - 1) / 2, (img.GetSize()[1] - 1) / 2, img.GetSize()[2] - 1
-    a, b = (img.TransformContinuousIndexToPhysicalPoint((cx, cy, float(k)))[2] for k in (0, nz))
+    a, b = (_middle_column(img, float(k))[2] for k in (0, img.GetSize()[2] - 1))
     return min(a, b), max(a, b)
 
 
 def _axial_overlap(tx: sitk.Transform, f: sitk.Image, m: sitk.Image) -> float:
     """Share of the shorter scan's length along z that overlaps the other once ``tx`` maps fixed into moving."""
     lo, hi = _z_range(f)
-    cx, cy = (f.TransformContinuousIndexToPhysicalPoint(((f.GetSize()[0] - 1) / 2, (f.GetSize()[1] - 1) / 2, 0.0)))[:2]
+    cx, cy = _middle_column(f, 0.0)[:2]
     a, b = (tx.TransformPoint((cx, cy, z))[2] for z in (lo, hi))
     mlo, mhi = _z_range(m)
     shorter = min(hi - lo, mhi - mlo)
@@ -130,7 +134,7 @@ def _best_axial_start(f: sitk.Image, m: sitk.Image, init: sitk.Transform, seed: 
 
 
 def _register(fixed: Volume, moving: Volume, deformable: bool, seed: int, transform: str,
-              axial_starts_mm: tuple[float, ...] = ()) -> sitk.Transform:
+              axial_starts_mm: tuple[float, ...]) -> sitk.Transform:
     f = sitk.Cast(_image(fixed, model_intensities(fixed)), sitk.sitkFloat32)
     m = sitk.Cast(_image(moving, model_intensities(moving)), sitk.sitkFloat32)
     kind = sitk.AffineTransform(3) if transform == "affine" else sitk.Similarity3DTransform()
