@@ -11,8 +11,9 @@ structure that got a mask (pooled over all empty slices). ``VERBOSE=1`` also pri
 seeds, seed-slice Dice, 3D Dice, the slice range of the structure and of the prediction, and whether the
 result reached the reference structure's size (``StructureResult.matches_reference``).
 ``MODEL=RUN_DIR`` uses a fine-tuned model; ``PAIRS=0-3,1-2`` keeps only those (reference, target)
-pairs; ``SKIP=k`` passes over the first k patients. ``JOINT=1`` segments the structures together (one
-Segmenter per reference patient), so few-slice stacks get one joint placement.
+pairs; ``SKIP=k`` passes over the first k patients; ``SPLIT=test`` uses the `test` patients. ``JOINT=1``
+segments the structures together (one Segmenter per reference patient), so few-slice stacks get one joint
+placement.
 """
 import os
 import sys
@@ -97,9 +98,10 @@ def largest_slice(labels: np.ndarray, value: int) -> tuple[int, Annotation]:
 
 
 def first_volumes(ds: MSDDataset, n: int) -> list:
-    """(volume, labels) of the first ``n`` `train` patients, one volume each (their first case)."""
+    """(volume, labels) of the first ``n`` patients of ``SPLIT`` (default `train`), one volume each (their
+    first case)."""
     first = {}
-    for c in ds.cases("train"):
+    for c in ds.cases(os.environ.get("SPLIT", "train")):
         first.setdefault(patient_id(c.case_id), c)
     skip = int(os.environ.get("SKIP", "0"))
     return [ds.load(c) for c in list(first.values())[skip:skip + n]]

@@ -5,6 +5,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from vrpsam_med.engine import registration
+from vrpsam_med.io.intensity import model_intensities
 from vrpsam_med.io.volume import Volume
 
 
@@ -80,3 +81,17 @@ def test_axial_starts_align_scans_whose_fields_of_view_differ():
         errors[bool(starts)] = abs(tx.TransformPoint(organ)[2] - organ[2])
     assert errors[True] < 12.0, errors  # within 3 slices
     assert errors[False] > 40.0, errors  # the case the starts are for (if this passes, the test shows nothing)
+
+
+def test_a_shifted_start_must_beat_the_plain_start_clearly():
+    fixed, moving = _body_section(0, 60, 0), _body_section(20, 80, 1)
+    f, m = (sitk.Cast(registration._image(v, model_intensities(v)), sitk.sitkFloat32) for v in (fixed, moving))
+    init = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    z0 = init.GetTranslation()[2]
+    shifts = {}
+    for gain in (registration.AXIAL_START_MIN_GAIN, 10.0):  # 10: no shift can lower the metric by 1,000 %
+        start = registration._best_axial_start(f, m, init, 1, registration.AXIAL_STARTS_MM, 4, min_gain=gain)
+        shifts[gain] = start.GetTranslation()[2] - z0
+    assert shifts[10.0] == 0.0, shifts
+    assert abs(shifts[registration.AXIAL_START_MIN_GAIN]) >= 40.0, shifts  # the wrong-anatomy case is fixed
