@@ -95,3 +95,24 @@ def test_a_shifted_start_must_beat_the_plain_start_clearly():
         shifts[gain] = start.GetTranslation()[2] - z0
     assert shifts[10.0] == 0.0, shifts
     assert abs(shifts[registration.AXIAL_START_MIN_GAIN]) >= 40.0, shifts  # the wrong-anatomy case is fixed
+
+
+def test_a_shifted_start_is_kept_only_if_it_also_registers_better(monkeypatch):
+    # same field of view: the plain start is right. Force the coarse choice to a wrong 120 mm shift.
+    fixed, moving = _body_section(0, 60, 0), _body_section(0, 60, 1)
+    organ = (0.0, 0.0, 4.0 * 40)
+
+    def wrong_shift(f, m, init, *args, **kwargs):
+        start = init.__class__(init)
+        tx, ty, tz = start.GetTranslation()
+        start.SetTranslation((tx, ty, tz + 120.0))
+        return start
+
+    f, m = (sitk.Cast(registration._image(v, model_intensities(v)), sitk.sitkFloat32) for v in (fixed, moving))
+    init = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
+                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    stuck = registration._affine_method(wrong_shift(f, m, init), 1, 0.05, 200, [(4, 2), (2, 1), (1, 0)]).Execute(f, m)
+    assert abs(stuck.TransformPoint(organ)[2] - organ[2]) > 40.0  # from that start alone it ends wrong
+    monkeypatch.setattr(registration, "_best_axial_start", wrong_shift)
+    tx = registration.register(fixed, moving, transform="similarity", axial_starts_mm=registration.AXIAL_STARTS_MM)
+    assert abs(tx.TransformPoint(organ)[2] - organ[2]) < 12.0

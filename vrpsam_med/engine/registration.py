@@ -82,9 +82,10 @@ def register(fixed: Volume, moving: Volume, deformable: bool = False, seed: int 
     ``transform``: "affine" (12 parameters) or "similarity" (rotation, translation, one scale: 7),
     both initialised at the images' intensity centres of mass. ``axial_starts_mm``: also start from
     the centres of mass shifted by these distances along the world's head-feet axis, each refined
-    briefly at the coarsest level, and go on from the best one if it beats the plain start by
-    :data:`AXIAL_START_MIN_GAIN` (scans with another field of view: their centres of mass differ along the
-    body by up to ~200 mm). ``seed`` fixes the
+    briefly at the coarsest level; the best one, if it beats the plain start by
+    :data:`AXIAL_START_MIN_GAIN`, is registered fully too and kept if it ends at a lower metric than the plain
+    start's registration (scans with another field of view: their centres of mass differ along the body by
+    up to ~200 mm). ``seed`` fixes the
     metric's random sampling (SimpleITK reads 0 as "seed from the clock"); with
     :data:`REGISTRATION_THREADS` = 1 the same pair always gives the same transform.
     """
@@ -154,10 +155,17 @@ def _register(fixed: Volume, moving: Volume, deformable: bool, seed: int, transf
     # multi-resolution pyramid, without levels that would shrink the thinnest axis below 4 voxels
     small = min(min(f.GetSize()), min(m.GetSize()))
     pyramid = [(sf, sig) for sf, sig in ((4, 2), (2, 1)) if small // sf >= 4] + [(1, 0)]
-    if axial_starts_mm:
-        init = _best_axial_start(f, m, init, seed, axial_starts_mm, pyramid[0][0])
     reg = _affine_method(init, seed, 0.05, 200, pyramid)
     affine = reg.Execute(f, m)
+    if axial_starts_mm:
+        start = _best_axial_start(f, m, init, seed, axial_starts_mm, pyramid[0][0])
+        if start is not init:
+            # the coarse metric alone chose a wrong shift in MR scans whose fields of view agree (CHAOS train):
+            # keep the shifted registration only if it also ends better at full resolution
+            shifted = _affine_method(start, seed, 0.05, 200, pyramid)
+            moved = shifted.Execute(f, m)
+            if shifted.GetMetricValue() < reg.GetMetricValue():
+                affine = moved
     if not deformable:
         return affine
     mesh = [6, 6, 4]
