@@ -5,7 +5,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from vrpsam_med.engine import registration
-from vrpsam_med.io.intensity import model_intensities
 from vrpsam_med.io.volume import Volume
 
 
@@ -84,10 +83,7 @@ def test_axial_starts_align_scans_whose_fields_of_view_differ():
 
 
 def test_a_shifted_start_must_beat_the_plain_start_clearly():
-    fixed, moving = _body_section(0, 60, 0), _body_section(20, 80, 1)
-    f, m = (sitk.Cast(registration._image(v, model_intensities(v)), sitk.sitkFloat32) for v in (fixed, moving))
-    init = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    f, m, init = registration.registration_images(_body_section(0, 60, 0), _body_section(20, 80, 1))
     z0 = init.GetTranslation()[2]
     shifts = {}
     for gain in (registration.AXIAL_START_MIN_GAIN, 10.0):  # 10: no shift can lower the metric by 1,000 %
@@ -103,14 +99,9 @@ def test_a_shifted_start_is_kept_only_if_it_also_registers_better(monkeypatch):
     organ = (0.0, 0.0, 4.0 * 40)
 
     def wrong_shift(f, m, init, *args, **kwargs):
-        start = init.__class__(init)
-        tx, ty, tz = start.GetTranslation()
-        start.SetTranslation((tx, ty, tz + 120.0))
-        return start
+        return registration.shifted_along_z(init, 120.0)
 
-    f, m = (sitk.Cast(registration._image(v, model_intensities(v)), sitk.sitkFloat32) for v in (fixed, moving))
-    init = sitk.CenteredTransformInitializer(f, m, sitk.Similarity3DTransform(),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
+    f, m, init = registration.registration_images(fixed, moving)
     stuck = registration._affine_method(wrong_shift(f, m, init), 1, 0.05, 200, [(4, 2), (2, 1), (1, 0)]).Execute(f, m)
     assert abs(stuck.TransformPoint(organ)[2] - organ[2]) > 40.0  # from that start alone it ends wrong
     monkeypatch.setattr(registration, "_best_axial_start", wrong_shift)

@@ -85,9 +85,8 @@ def register(fixed: Volume, moving: Volume, deformable: bool = False, seed: int 
     briefly at the coarsest level; the best one, if it beats the plain start by
     :data:`AXIAL_START_MIN_GAIN`, is registered fully too and kept if it ends at a lower metric than the plain
     start's registration (scans with another field of view: their centres of mass differ along the body by
-    up to ~200 mm). ``seed`` fixes the
-    metric's random sampling (SimpleITK reads 0 as "seed from the clock"); with
-    :data:`REGISTRATION_THREADS` = 1 the same pair always gives the same transform.
+    up to ~200 mm). ``seed`` fixes the metric's random sampling (SimpleITK reads 0 as "seed from the clock");
+    with :data:`REGISTRATION_THREADS` = 1 the same pair always gives the same transform.
     """
     if transform not in TRANSFORMS:
         raise ValueError(f"unknown registration transform {transform!r}; use one of {', '.join(TRANSFORMS)}")
@@ -116,6 +115,24 @@ def _axial_overlap(tx: sitk.Transform, f: sitk.Image, m: sitk.Image) -> float:
     return max(0.0, min(max(a, b), mhi) - max(min(a, b), mlo)) / shorter if shorter > 0 else 1.0
 
 
+def shifted_along_z(tx: sitk.Transform, dz: float) -> sitk.Transform:
+    """A copy of ``tx`` (a transform with a translation) with ``dz`` mm added to its world-z translation."""
+    out = tx.__class__(tx)
+    x, y, z = out.GetTranslation()
+    out.SetTranslation((x, y, z + float(dz)))
+    return out
+
+
+def registration_images(fixed: Volume, moving: Volume, transform: str = "similarity"
+                        ) -> tuple[sitk.Image, sitk.Image, sitk.Transform]:
+    """The float images the registration compares (model intensities) and its start: ``transform``'s kind
+    centred at the images' intensity centres of mass."""
+    f = sitk.Cast(_image(fixed, model_intensities(fixed)), sitk.sitkFloat32)
+    m = sitk.Cast(_image(moving, model_intensities(moving)), sitk.sitkFloat32)
+    kind = sitk.AffineTransform(3) if transform == "affine" else sitk.Similarity3DTransform()
+    return f, m, sitk.CenteredTransformInitializer(f, m, kind, sitk.CenteredTransformInitializerFilter.MOMENTS)
+
+
 def _best_axial_start(f: sitk.Image, m: sitk.Image, init: sitk.Transform, seed: int,
                       starts_mm: tuple[float, ...], shrink: int, min_overlap: float = 0.5,
                       min_gain: float = AXIAL_START_MIN_GAIN) -> sitk.Transform:
@@ -126,9 +143,7 @@ def _best_axial_start(f: sitk.Image, m: sitk.Image, init: sitk.Transform, seed: 
     (relative): a few per cent lower from a shifted start was noise on BTCV and moved a good prior away."""
     scored: list[tuple[float, float, sitk.Transform]] = []
     for dz in (0.0, *starts_mm):
-        start = init.__class__(init)
-        tx, ty, tz = start.GetTranslation()
-        start.SetTranslation((tx, ty, tz + float(dz)))
+        start = shifted_along_z(init, dz)
         reg = _affine_method(start, seed, 0.05, 30, [(shrink, shrink / 2)])
         try:
             out = reg.Execute(f, m)
@@ -148,10 +163,7 @@ def _best_axial_start(f: sitk.Image, m: sitk.Image, init: sitk.Transform, seed: 
 
 def _register(fixed: Volume, moving: Volume, deformable: bool, seed: int, transform: str,
               axial_starts_mm: tuple[float, ...]) -> sitk.Transform:
-    f = sitk.Cast(_image(fixed, model_intensities(fixed)), sitk.sitkFloat32)
-    m = sitk.Cast(_image(moving, model_intensities(moving)), sitk.sitkFloat32)
-    kind = sitk.AffineTransform(3) if transform == "affine" else sitk.Similarity3DTransform()
-    init = sitk.CenteredTransformInitializer(f, m, kind, sitk.CenteredTransformInitializerFilter.MOMENTS)
+    f, m, init = registration_images(fixed, moving, transform)
     # multi-resolution pyramid, without levels that would shrink the thinnest axis below 4 voxels
     small = min(min(f.GetSize()), min(m.GetSize()))
     pyramid = [(sf, sig) for sf, sig in ((4, 2), (2, 1)) if small // sf >= 4] + [(1, 0)]
