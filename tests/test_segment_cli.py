@@ -154,7 +154,7 @@ def test_disk_full_mid_write_leaves_no_partial_file(capsys, data, tmp_path, monk
 
 def test_segment_with_annotation_file(capsys, data, tmp_path):
     """A JSON point annotation (voxel space) as the reference; its kind and name reach the report.
-    ``--registration affine`` reaches the engine's configuration and the manifest."""
+    ``--registration affine`` and ``--no-axial-starts`` reach the engine's configuration and the manifest."""
     from vrpsam_med.engine import cohort
 
     cohort._SEGMENTERS.clear()
@@ -162,10 +162,12 @@ def test_segment_with_annotation_file(capsys, data, tmp_path):
     ann.write_text(json.dumps({"kind": "point", "slice": SLICE, "points": [[50, 60], [40, 50]], "name": "brain"}))
     out = tmp_path / "out"
     rc, stdout, err = _run(capsys, data, data["other"], "--reference", data["ref"], "--annotation-file", ann,
-                           "--registration", "affine", "--out", out)
+                           "--registration", "affine", "--no-axial-starts", "--out", out)
     assert rc == 0, err
-    assert [seg.config.registration_transform for seg, _ in cohort._SEGMENTERS.values()] == ["affine"]
-    assert json.loads((out / "manifest.json").read_text())["engine"]["registration"] == "affine"
+    assert [(seg.config.registration_transform, seg.config.registration_axial_starts)
+            for seg, _ in cohort._SEGMENTERS.values()] == [("affine", False)]
+    engine = json.loads((out / "manifest.json").read_text())["engine"]
+    assert engine["registration"] == "affine" and engine["axial_starts"] is False
     rep = json.loads((out / "other" / "other_report.json").read_text())
     assert rep["labels"] == {"1": "brain"} and rep["extra"]["reference"]["annotation"] == "point"
     assert rep["extra"]["reference"]["slice"] == SLICE and rep["extra"]["reference"]["annotation_file"] == str(ann)

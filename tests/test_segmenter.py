@@ -530,8 +530,9 @@ def test_registration_transform_setting_reaches_the_3d_registration(model_and_ca
         (k.get("transform"), k.get("axial_starts_mm"))) or real(*a, **k))
     vol, lab = phantom(n=24)
     other, olab = phantom(shift=4, n=24)
-    for transform, starts in (("affine", False), ("similarity", True)):
-        seg = make(model_and_cache, registration_transform=transform, registration_axial_starts=starts)
+    for transform, starts in (("affine", False), ("similarity", None)):  # None: the default, axial starts on
+        extra = {} if starts is None else {"registration_axial_starts": starts}
+        seg = make(model_and_cache, registration_transform=transform, **extra)
         seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
         found = seg.segment(other).labels == 1
         assert dice_3d(found, olab == 1) > 0.5

@@ -195,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "VRP-SAM scan of every 4th slice (see docs/benchmarks.md)")
     p.add_argument("--registration", choices=["similarity", "affine"], default="similarity",
                    help="the registration prior's transform (default similarity: rotation, translation, one scale)")
+    p.add_argument("--no-axial-starts", action="store_true",
+                   help="start the registration from the scans' centres of mass only (faster; by default it also "
+                        "tries starts shifted along the body, for scans with other fields of view)")
     p.add_argument("--model", type=Path, default=None, help="trained VRP model folder or RUN_DIR (default: shipped)")
     _add_input_options(p)
     _add_model_options(p)
@@ -479,7 +482,8 @@ def cmd_segment(args) -> int:
                         model=str(args.model) if args.model else None, device=args.device,
                         precision=args.precision, cache_dir=None if str(args.cache_dir).lower() == "none"
                         else str(args.cache_dir), cleanup=not args.no_cleanup,
-                        localisation=args.localisation, registration=args.registration)
+                        localisation=args.localisation, registration=args.registration,
+                        axial_starts=not args.no_axial_starts)
     cases = enumerate_targets(targets, args.split, exclude=[args.out])
     if not cases:
         raise UsageError("no target scans")

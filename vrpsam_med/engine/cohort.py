@@ -91,6 +91,7 @@ class EngineSpec:
     cleanup: bool = True
     localisation: str = "registration"  # other patients: "registration" (3D registration prior) | "scan"
     registration: str = "similarity"  # the registration prior's transform: "similarity" | "affine"
+    axial_starts: bool = True  # the registration also tries starts shifted along the body (other fields of view)
     threads: int | None = None  # torch intra-op threads in each worker (None: leave as is)
 
 
@@ -246,7 +247,8 @@ def get_segmenter(spec: ReferenceSpec, engine: EngineSpec):
     model, cache = _model(engine)
     seg = Segmenter(model, cache=cache, config=SegmenterConfig(cleanup=engine.cleanup,
                                                                 localisation=engine.localisation,
-                                                                registration_transform=engine.registration))
+                                                                registration_transform=engine.registration,
+                                                                registration_axial_starts=engine.axial_starts))
     ref = load_reference(spec)
     for name, ann in ref.structures:
         seg.add_reference(ref.volume, ref.index, ann, name=name, axis=ref.axis, preset=spec.preset)
@@ -510,7 +512,7 @@ def run_cohort(spec: ReferenceSpec, engine: EngineSpec, targets: Sequence[Target
     spec, ref = resolve_spec(spec)
     out = check_writable(out_dir)
     key = [dataclasses.asdict(spec), engine.backbone, engine.checkpoint, engine.model, engine.cleanup,
-           engine.localisation, engine.registration, fmt]
+           engine.localisation, engine.registration, engine.axial_starts, fmt]
     run_key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     header = {"generator": f"vrpsam-med {__version__}", "run_key": run_key, "reference": dataclasses.asdict(spec),
               "structures": [n for n, _ in ref.structures],

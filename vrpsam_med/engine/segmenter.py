@@ -135,9 +135,10 @@ class SegmenterConfig:
     # other volumes: the registration also starts from the centres of mass shifted by -200..200 mm (40 mm steps)
     # along the body, and keeps a shifted start that matches clearly better, also after the full registration
     # (scans with another field of view). On BTCV train it lifted the kidneys into btcv_04 from 0.54-0.71 to
-    # 0.73-0.88 and lost at most 0.022 elsewhere (10 train pairs in the engine). Opt-in until measured on test;
-    # about twice the registration time on pairs that shift (docs/vrp.md, "Axial starts in the engine")
-    registration_axial_starts: bool = False
+    # 0.73-0.88 and lost at most 0.022 elsewhere (10 train pairs in the engine); on test it changed one BTCV pair
+    # (liver 0.59 -> 0.96) and no CHAOS pair. About twice the registration time on pairs that shift
+    # (docs/vrp.md, "Axial starts in the engine")
+    registration_axial_starts: bool = True
     # other volumes: where the seed goes. "sweep": the slice along the axis where the prior's in-plane box segments
     # something most like the reference (the prior's largest slice is one candidate); "prior": the prior's largest
     # slice unless its mask fails the prototype check (then the sweep). A prior off along the axis by 70 mm still
