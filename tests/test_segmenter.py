@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -954,3 +955,21 @@ def test_a_result_below_the_reference_size_is_flagged_for_review(model_and_cache
     assert passed is True and warnings == [] and report["matches_reference"] is True
     own = seg.segment(vol).structures["ball"]
     assert own.matches_reference is None and own.reference_ml is None
+
+
+def test_a_short_result_in_a_few_slice_stack_is_logged_without_an_extent(model_and_cache, caplog, monkeypatch):
+    """Few-slice stacks compare volumes, not extents (the expected extent is None): the 'trying the next seed'
+    line must still be written, with mL only (it used to fail to format and was lost)."""
+    vol, lab = phantom()  # 14 slices: a few-slice stack
+    other, _ = phantom(shift=4)
+    decoy = np.zeros(get_slice(lab, 0).shape, bool)
+    decoy[10:14, 10:14] = True  # the only candidate: a small patch far from the ball
+    monkeypatch.setattr(Segmenter, "_sweep", lambda self, *a, **k: [(12, decoy, (0, 0))])
+    seg = make(model_and_cache, seed_retries=0, scan_fallback=False)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    with caplog.at_level(logging.INFO, logger="vrpsam_med.engine.segmenter"):
+        res = seg.segment(other)
+    assert res.structures["ball"].matches_reference is False
+    lines = [r.getMessage() for r in caplog.records if "trying the next seed" in r.getMessage()]
+    assert lines, caplog.text
+    assert all(m.endswith(" mL; trying the next seed") and " mm of the reference's " in m for m in lines), lines

@@ -793,8 +793,8 @@ class Segmenter:
                 if kept is None or look > kept[0]:
                     kept = (look, seeds, conf, mask3d)
                 continue
-            log.info("%s: %s from slice %s has %.1f mL / %.0f mm of the reference's %.1f mL / %.0f mm; trying the "
-                     "next seed", volume.name, st.name, [k for k, _ in seeds], ml, mm, expected_ml, expected_mm)
+            log.info("%s: %s from slice %s has %s of the reference's %s; trying the next seed", volume.name,
+                     st.name, [k for k, _ in seeds], _size_text(ml, mm), _size_text(expected_ml, expected_mm))
         matches = None if expected_ml is None else passed or kept is not None
         if matches is False:
             log.info("%s: no candidate seed of %s reached the reference's size; kept the largest (%.1f mL)",
@@ -1209,6 +1209,11 @@ class Segmenter:
             sizes = ndimage.sum(closed, lab, range(1, num + 1))
             keep = {int(np.argmax(sizes)) + 1}
         return closed & np.isin(lab, sorted(keep))
+
+
+def _size_text(ml: float, mm: float | None) -> str:
+    """"12.3 mL / 45 mm", or "12.3 mL" without an extent (few-slice stacks do not compare extents)."""
+    return f"{ml:.1f} mL" + ("" if mm is None else f" / {mm:.0f} mm")
 
 
 def _extent(mask3d: np.ndarray, ax: int) -> int:
