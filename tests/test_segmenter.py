@@ -959,7 +959,7 @@ def test_a_result_below_the_reference_size_is_flagged_for_review(model_and_cache
 
 def test_a_short_result_in_a_few_slice_stack_is_logged_without_an_extent(model_and_cache, caplog, monkeypatch):
     """Few-slice stacks compare volumes, not extents (the expected extent is None): the 'trying the next seed'
-    line must still be written, with mL only (it used to fail to format and was lost)."""
+    line must still be written, the reference's size in mL only (it used to fail to format and was lost)."""
     vol, lab = phantom()  # 14 slices: a few-slice stack
     other, _ = phantom(shift=4)
     decoy = np.zeros(get_slice(lab, 0).shape, bool)
