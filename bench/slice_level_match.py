@@ -1,6 +1,7 @@
 """Can the slice level of a structure in another patient be found from whole-slice embeddings?
 
-    python bench/slice_level_match.py btcv_ct btcv_00,btcv_01,btcv_02,btcv_03 btcv_04,btcv_05,btcv_06,btcv_07 right_kidney,left_kidney
+    python bench/slice_level_match.py btcv_ct btcv_00,btcv_01,btcv_02,btcv_03 \
+        btcv_04,btcv_05,btcv_06,btcv_07 right_kidney,left_kidney
 
 For the structure's largest slice in each reference patient: the target slice whose mean-pooled embedding is
 most like the reference slice's ("single"), and the target slice where a stack of reference slices (every

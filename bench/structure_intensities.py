@@ -24,7 +24,8 @@ def main() -> None:
         cells = []
         for s in structures:
             inside = volume.array[labels == ds.label_value(s)]
-            cells.append("-" if not inside.size else " / ".join(f"{v:.0f}" for v in np.percentile(inside, [10, 50, 90])))
+            pct = np.percentile(inside, [10, 50, 90]) if inside.size else None
+            cells.append("-" if pct is None else " / ".join(f"{v:.0f}" for v in pct))
         print(f"| {case.case_id} | {split_of.get(case.case_id, '-')} | " + " | ".join(cells) + " |", flush=True)
 
 

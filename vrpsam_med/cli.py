@@ -40,6 +40,13 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--series", default=None, help="SeriesInstanceUID when a DICOM folder holds several series")
     p.add_argument("--preset", default=None,
                    help="intensity preset: CT window abdomen|liver|lung|bone|brain|mediastinum, or percentile")
+    _add_channel_option(p)
+
+
+def _add_channel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--channel", type=int, default=None, metavar="N",
+                   help="frame/channel N (0-based) of 4D or multi-channel images, e.g. one MR sequence of an MSD "
+                        "case (MSD/nnU-Net datasets: default their first channel)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("boxseg", help="plain SAM box segmentation of one slice",
                        description="Segment one slice from a box (the backbone smoke path). Writes a "
-                                   "volume-shaped mask (only slice K labelled) in the source geometry and a PNG overlay.")
+                                   "volume-shaped mask (only slice K labelled) in the source geometry and a PNG "
+                                   "overlay.")
     p.add_argument("path", type=Path, help="scan file or DICOM folder")
     p.add_argument("--box", required=True, help="x0,y0,x1,y1 in pixels of the displayed slice (x = column)")
     p.add_argument("--slice", type=int, required=True, dest="slice_index", help="slice index K")
@@ -82,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="meta-train the VRP encoder on cached embeddings (resumable)",
                        description="Episodic meta-training on MSD datasets (labelled structures + supervoxel "
-                                   "pseudo-structures). Re-running with the same RUN_DIR resumes. Works under torchrun. "
-                                   "Options override the --config file.")
+                                   "pseudo-structures). Re-running with the same RUN_DIR resumes. Works under "
+                                   "torchrun. Options override the --config file.")
     p.add_argument("--config", type=Path, default=None, help="YAML config (configs/train/*.yaml)")
     p.add_argument("--dataset", type=Path, nargs="+", default=None, dest="datasets", help="MSD dataset folders")
     p.add_argument("--split", default=None, help="split to train on (default train)")
@@ -154,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "call the learned VRP encoder); repeatable")
     p.add_argument("--json", type=Path, default=None, dest="json_out", help="write results JSON here")
     p.add_argument("--overwrite", action="store_true")
+    _add_channel_option(p)
     _add_model_options(p)
 
     p = sub.add_parser("segment", help="segment a structure in scans/cohorts from one annotated reference slice",
@@ -187,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask format (dicom-seg: DICOM targets only)")
     p.add_argument("--dask", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run on Dask: a LocalCluster of --workers processes, or the scheduler at ADDRESS")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="LocalCluster worker processes with --dask (default 2)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="LocalCluster worker processes with --dask (default 2)")
     p.add_argument("--overwrite", action="store_true", help="redo finished cases and replace their outputs")
     p.add_argument("--no-cleanup", action="store_true", help="no 3D clean-up (connected components, gap closing)")
     p.add_argument("--localisation", choices=["registration", "scan"], default="registration",
@@ -223,7 +233,7 @@ def _cache(args):
 def cmd_info(args) -> int:
     from vrpsam_med.io import load_volume, volume_info
 
-    info = volume_info(load_volume(args.path, series_uid=args.series))
+    info = volume_info(load_volume(args.path, series_uid=args.series, channel=args.channel))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -253,7 +263,7 @@ def cmd_boxseg(args) -> int:
     from vrpsam_med.io.volume import get_slice
 
     box = _parse_box(args.box)
-    volume = load_volume(args.path, series_uid=args.series)
+    volume = load_volume(args.path, series_uid=args.series, channel=args.channel)
     get_slice(volume.array, args.slice_index, args.axis)  # index check before loading the model
     png = args.png or args.out.with_name(args.out.name.split(".")[0] + ".png")
     outputs_free([args.out, png], args.overwrite)
@@ -280,18 +290,18 @@ def outputs_free(paths: list[Path], overwrite: bool) -> None:
             raise OutputExistsError(f"{p}: output exists; pass --overwrite to replace it")
 
 
-def _scans(paths: list[Path], split: str | None):
+def _scans(paths: list[Path], split: str | None, channel: int | None = None):
     """Yield volumes from scan paths and MSD dataset folders."""
     from vrpsam_med.io import load_volume
     from vrpsam_med.io.msd import MSDDataset
 
     for p in paths:
         if (p / "dataset.json").is_file():
-            ds = MSDDataset.open(p)
+            ds = MSDDataset.open(p, channel=channel)
             for case in ds.cases(split):
-                yield load_volume(case.image, modality=ds.modality)
+                yield ds.load_image(case)
         else:
-            yield load_volume(p)
+            yield load_volume(p, channel=channel)
 
 
 def cmd_embed(args) -> int:
@@ -303,7 +313,7 @@ def cmd_embed(args) -> int:
     if cache.root is None:
         raise UsageError("embed needs an on-disk cache: drop --cache-dir none")
     total = 0
-    for volume in tqdm(list(_scans(args.paths, args.split)), desc="volumes", unit="vol"):
+    for volume in tqdm(list(_scans(args.paths, args.split, args.channel)), desc="volumes", unit="vol"):
         before = cache.encoded
         cache.paths(volume, range(volume.num_slices(args.axis)), args.axis, args.preset)
         total += cache.encoded - before
@@ -422,9 +432,10 @@ def cmd_evaluate(args) -> int:
     if args.json_out is not None:
         outputs_free([args.json_out], args.overwrite)
     engine_config = _engine_config(args.engine_settings)
-    ds = MSDDataset.open(args.dataset)
+    ds = MSDDataset.open(args.dataset, channel=args.channel)
     cache = _cache(args)
-    predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache) if args.method in ("vrp", "engine") else None
+    learned = args.method in ("vrp", "engine")
+    predictor = ReferencePredictor(load_vrp(cache.backbone, args.model), cache) if learned else None
     cfg = EvalConfig(protocol=args.protocol, annotation=args.annotation,
                      labels=args.labels.split(",") if args.labels else None, split=args.split, method=args.method,
                      seed=args.seed, max_cases=args.max_cases, wrong_reference=args.wrong_reference)
@@ -477,14 +488,14 @@ def cmd_segment(args) -> int:
         label_path=str(args.reference_label) if args.reference_label else None,
         labels=_labels_arg(args.label, args.reference),
         annotation_file=str(args.annotation_file) if args.annotation_file else None,
-        annotation_kind=args.annotation, series_uid=args.series, preset=args.preset)
+        annotation_kind=args.annotation, series_uid=args.series, preset=args.preset, channel=args.channel)
     engine = EngineSpec(backbone=args.backbone, checkpoint=str(args.checkpoint) if args.checkpoint else None,
                         model=str(args.model) if args.model else None, device=args.device,
                         precision=args.precision, cache_dir=None if str(args.cache_dir).lower() == "none"
                         else str(args.cache_dir), cleanup=not args.no_cleanup,
                         localisation=args.localisation, registration=args.registration,
                         axial_starts=not args.no_axial_starts)
-    cases = enumerate_targets(targets, args.split, exclude=[args.out])
+    cases = enumerate_targets(targets, args.split, exclude=[args.out], channel=args.channel)
     if not cases:
         raise UsageError("no target scans")
 

@@ -60,6 +60,7 @@ class ReferenceSpec:
     ``annotation_kind`` derived from each label's mask on slice ``slice_index``, or
     ``annotation_file`` (JSON / mask image / mask volume, :mod:`vrpsam_med.io.annotation_file`).
     ``names``: structure names, one per label (default: dataset.json names, else ``label_N``).
+    ``channel``: the frame/channel of a 4D / multi-channel reference image file.
     """
 
     image: str
@@ -73,6 +74,7 @@ class ReferenceSpec:
     series_uid: str | None = None
     preset: str | None = None
     modality: str | None = None
+    channel: int | None = None
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
@@ -102,6 +104,7 @@ class Target:
     case_id: str
     path: str
     modality: str | None = None  # from dataset.json
+    channel: int | None = None  # frame/channel of a 4D / multi-channel image file
 
 
 @dataclass
@@ -145,7 +148,7 @@ def load_reference(spec: ReferenceSpec) -> Reference:
     """
     from vrpsam_med.io.readers import load_volume
 
-    volume = load_volume(spec.image, series_uid=spec.series_uid, modality=spec.modality)
+    volume = load_volume(spec.image, series_uid=spec.series_uid, modality=spec.modality, channel=spec.channel)
     ax = spec.axis
     n = volume.shape[axis_index(ax)]
     if spec.annotation_kind not in KINDS:
@@ -288,13 +291,15 @@ def _is_dicom_folder(folder: Path, probe: int = 5) -> bool:
 
 
 def enumerate_targets(paths: Iterable[str | Path], split: str | None = None,
-                      exclude: Sequence[str | Path] = ()) -> list[Target]:
+                      exclude: Sequence[str | Path] = (), channel: int | None = None) -> list[Target]:
     """Expand command-line targets into cases (unique ``case_id``s, in the given order).
 
     A file is one case; a folder holding DICOM files is one case; a folder with ``dataset.json`` or a
     ``dataset.json`` path is an MSD dataset (cases of ``split``, or all); any other folder is a folder
     of cases: each image file and each subfolder (hidden ones and ``exclude`` skipped).
     A missing path is still a case: it fails with its reason, the others go on.
+    ``channel``: the frame/channel to read from 4D / multi-channel images (MSD datasets: default
+    their first channel).
     """
     from vrpsam_med.io.msd import MSDDataset
 
@@ -303,16 +308,16 @@ def enumerate_targets(paths: Iterable[str | Path], split: str | None = None,
     for raw in paths:
         p = Path(raw).expanduser()
         if p.name == "dataset.json" or (p.is_dir() and (p / "dataset.json").is_file()):
-            ds = MSDDataset.open(p)
-            out += [Target(c.case_id, str(c.image), ds.modality) for c in ds.cases(split)]
+            ds = MSDDataset.open(p, channel=channel)
+            out += [Target(c.case_id, str(c.image), ds.modality, ds.image_channel(c)) for c in ds.cases(split)]
         elif p.is_dir() and not _is_dicom_folder(p):
             children = [c for c in sorted(p.iterdir()) if not c.name.startswith(".") and c.resolve() not in skip]
             cases = [c for c in children if c.is_dir() or c.name.lower().endswith(IMAGE_EXTS)]
             if not cases:
                 raise VolumeError(f"{p}: no scans found (image files, DICOM files or case subfolders)")
-            out += [Target(_case_name(c), str(c)) for c in cases]
+            out += [Target(_case_name(c), str(c), channel=channel) for c in cases]
         else:
-            out.append(Target(_case_name(p), str(p)))
+            out.append(Target(_case_name(p), str(p), channel=channel))
     seen: dict[str, int] = {}
     unique = []
     for t in out:
@@ -376,7 +381,7 @@ def process_case(spec: ReferenceSpec, engine: EngineSpec, target: Target, out_di
         t1 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", VolumeWarning)
-            volume = load_volume(target.path, modality=target.modality)
+            volume = load_volume(target.path, modality=target.modality, channel=target.channel)
         t2 = time.perf_counter()
         notes = [one_line(w.message) for w in caught] + compare_to_reference(ref.volume, volume)
         result = seg.segment(volume, preset=spec.preset)

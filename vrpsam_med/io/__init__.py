@@ -28,10 +28,10 @@ __all__ = [
     "get_slice", "set_slice", "slice_shape", *_LAZY,
 ]
 
-if TYPE_CHECKING:  # pragma: no cover
-    from vrpsam_med.io.dicom import SeriesInfo, list_dicom_series
-    from vrpsam_med.io.readers import SimpleITKReader, load_volume, volume_info
-    from vrpsam_med.io.writers import write_dicom_seg, write_mask_nifti
+if TYPE_CHECKING:  # pragma: no cover  (exported through __all__ via _LAZY, which ruff cannot see)
+    from vrpsam_med.io.dicom import SeriesInfo, list_dicom_series  # noqa: F401
+    from vrpsam_med.io.readers import SimpleITKReader, load_volume, volume_info  # noqa: F401
+    from vrpsam_med.io.writers import write_dicom_seg, write_mask_nifti  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -1,15 +1,33 @@
 """Datasets in MSD / nnU-Net layout: ``dataset.json`` (labels, modality, optional split),
-``imagesTr/<case>.nii.gz`` and ``labelsTr/<case>.nii.gz``."""
+``imagesTr/<case>.nii.gz`` and ``labelsTr/<case>.nii.gz``.
+
+Multi-channel data (e.g. MR sequences) come in two layouts, both read here: MSD's one 4D file per
+case, and nnU-Net's one file per channel (``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ...).
+The models take one channel: :attr:`MSDDataset.channel` picks it (default the first, with a warning
+when there are several)."""
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vrpsam_med.io.errors import VolumeError
+from vrpsam_med.io.errors import VolumeError, VolumeWarning
 from vrpsam_med.io.volume import Volume
+
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+_CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _split_ending(name: str) -> tuple[str, str] | None:
+    """``case_0000.nii.gz`` -> (``case_0000``, ``.nii.gz``); None for other files."""
+    for ending in IMAGE_ENDINGS:
+        if name.lower().endswith(ending):
+            return name[: -len(ending)], name[-len(ending):]
+    return None
 
 
 @dataclass(frozen=True)
@@ -18,6 +36,7 @@ class Case:
     image: Path
     label: Path | None  # NIfTI/NRRD/MHA label volume, or a DICOM SEG file on the image series
     series_uid: str | None = None  # the DICOM series to load when ``image`` is a folder of several
+    per_channel: bool = False  # ``image`` is one channel's file (nnU-Net ``<case>_0000.nii.gz``)
 
 
 @dataclass
@@ -30,9 +49,16 @@ class MSDDataset:
     labels: dict[int, str]
     split: dict[str, list[str]] | None
     _cases: list[Case]
+    channel: int | None = None  # frame/channel of multi-channel images; None: single-channel data
+    channel_names: tuple[str, ...] = ()
 
     @classmethod
-    def open(cls, root: str | Path) -> MSDDataset:
+    def open(cls, root: str | Path, channel: int | None = None) -> MSDDataset:
+        """Read ``dataset.json`` and list the cases. ``channel``: which image channel the cases
+        load (0-based; default the first, with a warning when the dataset has several)."""
+        from vrpsam_med.io.readers import channel_names as names_by_index
+        from vrpsam_med.io.readers import modality_from_text
+
         root = Path(root)
         meta_path = root / "dataset.json" if root.is_dir() else root
         if not meta_path.is_file():
@@ -49,30 +75,52 @@ class MSDDataset:
         for k, v in raw_labels.items():
             if str(k).lstrip("-").isdigit():  # MSD style {"1": "liver"}
                 value, name = int(k), str(v)
+            elif isinstance(v, (list, tuple)):  # nnU-Net v2 region-based training
+                raise VolumeError(f"{meta_path}: label {k!r} is a region of several values {list(v)}; "
+                                  "only one value per structure is supported")
             else:  # nnU-Net v2 style {"liver": 1}
-                value, name = int(v), str(k)
+                try:
+                    value, name = int(v), str(k)
+                except (TypeError, ValueError):
+                    raise VolumeError(f"{meta_path}: label {k!r} has value {v!r}, not an integer") from None
+            if name.lower() == "ignore" and not str(k).lstrip("-").isdigit():
+                continue  # nnU-Net v2's "ignore" label marks unannotated voxels, not a structure
             if value != 0:
                 labels[value] = name
-        modality = meta.get("modality", "unknown")
-        if isinstance(modality, dict):
-            modality = next(iter(modality.values()), "unknown")
-        modality = {"CT": "CT", "MR": "MR", "MRI": "MR"}.get(str(modality).upper(), str(modality))
-        cases = []
-        for item in meta.get("training", []):
-            img = (root / item["image"]).resolve()
-            lab = (root / item["label"]).resolve() if item.get("label") else None
-            cid = img.name.split(".nii")[0]
-            cases.append(Case(cid, img, lab))
+        raw_mod = meta.get("modality", meta.get("channel_names", "unknown"))
+        names = tuple(names_by_index(raw_mod)) if isinstance(raw_mod, dict) else (str(raw_mod),)
+        n_channels = max(len(names), 1)
+        if channel is not None and not 0 <= channel < n_channels and isinstance(raw_mod, dict):
+            raise VolumeError(f"{meta_path}: no channel {channel}; the dataset has {n_channels} "
+                              f"({', '.join(f'{i} {n}' for i, n in enumerate(names))})")
+        if channel is None and n_channels > 1:
+            warnings.warn(f"{meta_path}: {n_channels} channels ({', '.join(names)}); using channel 0 ({names[0]}). "
+                          "Pick another with --channel N", VolumeWarning, stacklevel=2)
+            channel = 0
+        modality = modality_from_text(names[channel or 0]) if names else "unknown"  # "T2", "FLAIR" -> MR
+        ending = meta.get("file_ending")
+        cases = [_listed_case(root, item, channel or 0, meta_path) for item in meta.get("training", [])]
         if not cases:  # nnU-Net v2 lists no files: scan imagesTr
-            for img in sorted((root / "imagesTr").glob("*.nii*")):
-                cid = img.name.split(".nii")[0]
-                cid = cid[:-5] if cid.endswith("_0000") else cid
-                lab = root / "labelsTr" / f"{cid}.nii.gz"
-                cases.append(Case(cid, img, lab if lab.exists() else None))
+            cases = _scanned_cases(root, channel or 0, ending if isinstance(ending, str) else None)
         if not cases:
             raise VolumeError(f"{root}: dataset lists no cases and imagesTr/ is empty")
         split = meta.get("split") if isinstance(meta.get("split"), dict) else None
-        return cls(root, str(meta.get("name", root.name)), modality, labels, split, cases)
+        return cls(root, str(meta.get("name", root.name)), modality, labels, split, cases,
+                   channel, names if isinstance(raw_mod, dict) else ())
+
+    def load_image(self, case: Case) -> Volume:
+        """The case's image volume (its :meth:`image_channel` of a multi-channel file)."""
+        from vrpsam_med.io.readers import load_volume
+
+        return load_volume(case.image, modality=self.modality, series_uid=case.series_uid,
+                           channel=self.image_channel(case))
+
+    def image_channel(self, case: Case) -> int | None:
+        """The channel to read from ``case.image``: None for one file per channel (nnU-Net), a
+        DICOM series or single-channel data; else :attr:`channel` of an MSD 4D file."""
+        if self.channel is None or case.per_channel or case.image.is_dir():
+            return None
+        return self.channel
 
     def cases(self, split: str | None = None) -> list[Case]:
         """Cases of ``split`` ('train', 'test', ...); all cases when None or when there is no split."""
@@ -97,12 +145,11 @@ class MSDDataset:
 
     def load(self, case: Case) -> tuple[Volume, np.ndarray | None]:
         """Image volume and its integer label array (same canonical grid), or None without labels."""
-        from vrpsam_med.io.readers import load_volume
-
-        image = load_volume(case.image, modality=self.modality, series_uid=case.series_uid)
+        image = self.load_image(case)
         if case.label is None:
             return image, None
         from vrpsam_med.io.dicom_seg import is_dicom_seg, read_dicom_seg
+        from vrpsam_med.io.readers import load_volume
 
         if is_dicom_seg(case.label):  # segments matched to the dataset's structures by name
             return image, read_dicom_seg(case.label, image, {n: v for v, n in self.labels.items()})
@@ -110,3 +157,55 @@ class MSDDataset:
         if lab.shape != image.shape or not np.allclose(lab.affine, image.affine, atol=1e-3):
             raise VolumeError(f"{case.label}: label grid {lab.shape} does not match its image {image.shape}")
         return image, np.rint(lab.array).astype(np.int16)
+
+
+def _stem(path: Path) -> str:
+    parts = _split_ending(path.name)
+    return parts[0] if parts else path.stem
+
+
+def _listed_case(root: Path, item: dict, channel: int, meta_path: Path) -> Case:
+    """A ``training`` entry of an MSD (or nnU-Net v1) dataset.json. nnU-Net v1 lists
+    ``imagesTr/<case>.nii.gz`` while the files are ``<case>_0000.nii.gz``, ...: take the channel's."""
+    if not isinstance(item, dict) or "image" not in item:
+        raise VolumeError(f"{meta_path}: a 'training' entry has no 'image': {item!r}")
+    img = (root / item["image"]).resolve()
+    lab = (root / item["label"]).resolve() if item.get("label") else None
+    parts = _split_ending(img.name)
+    stem, ending = parts if parts else (img.stem, img.suffix)
+    if not img.exists():
+        per_channel = img.with_name(f"{stem}_{channel:04d}{ending}")
+        if per_channel.exists():
+            return Case(stem, per_channel, lab, per_channel=True)
+    return Case(stem, img, lab)
+
+
+def _scanned_cases(root: Path, channel: int, ending: str | None) -> list[Case]:
+    """Cases from the files of ``imagesTr/``. nnU-Net's ``<case>_<channel:04d><file_ending>``
+    files are one case when the case has a ``_0000`` file (so ``patient_0001.nii.gz`` alone is a
+    case of its own); a case without the asked channel's file is left out."""
+    folder = root / "imagesTr"
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    stems: dict[str, tuple[Path, str]] = {}
+    for img in files:
+        parts = _split_ending(img.name)
+        if parts is None or img.name.startswith(".") or (ending and not img.name.endswith(ending)):
+            continue
+        stems[parts[0]] = (img, parts[1])
+    layered = {m["case"] for st in stems if (m := _CHANNEL_SUFFIX.match(st)) and m["channel"] == "0000"}
+    found: dict[str, tuple[Path, str, bool]] = {}
+    for stem, (img, ext) in stems.items():
+        m = _CHANNEL_SUFFIX.match(stem)
+        if m is not None and m["case"] in layered:
+            if int(m["channel"]) == channel:
+                found[m["case"]] = (img, ext, True)
+        else:
+            found[stem] = (img, ext, False)
+    cases = []
+    for cid, (img, ext, per_channel) in sorted(found.items()):
+        lab = root / "labelsTr" / f"{cid}{ending or ext}"
+        if not lab.exists() and ending is None:
+            lab = next((root / "labelsTr" / f"{cid}{e}" for e in IMAGE_ENDINGS
+                        if (root / "labelsTr" / f"{cid}{e}").exists()), lab)
+        cases.append(Case(cid, img, lab if lab.exists() else None, per_channel=per_channel))
+    return cases

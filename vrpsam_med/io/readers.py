@@ -92,12 +92,14 @@ class SimpleITKReader(ImageReader):
     first series GDCM finds there (``load_volume`` never relies on that). ``get_data`` returns the
     array in ITK index order (x, y, z) and MONAI metadata with the affine in RAS (as MONAI's
     ``ITKReader`` with ``affine_lps_to_ras=True``). Images with more than 3 dimensions are reduced
-    to 3D only when the extra dimensions have size 1.
+    to 3D when the extra dimensions have size 1, or to the frame/channel ``channel`` of a 4D or
+    multi-component image (e.g. one MR sequence of an MSD multi-channel case).
     """
 
-    def __init__(self, pixel_type: int | None = None) -> None:
+    def __init__(self, pixel_type: int | None = None, channel: int | None = None) -> None:
         super().__init__()
         self.pixel_type = sitk.sitkFloat32 if pixel_type is None else pixel_type
+        self.channel = channel
 
     def verify_suffix(self, filename) -> bool:
         names = [filename] if isinstance(filename, (str, Path)) else list(filename)
@@ -119,12 +121,22 @@ class SimpleITKReader(ImageReader):
             reader.SetOutputPixelType(self.pixel_type)
             img = reader.Execute()
         else:
-            img = sitk.ReadImage(names[0], self.pixel_type)
+            img = sitk.ReadImage(names[0])  # native pixel type: a vector image cannot be read as float
+            if img.GetNumberOfComponentsPerPixel() > 1:
+                if self.channel is None:
+                    raise VolumeError(f"{names[0]}: 4D input (multi-component image): pick a frame/channel first")
+                img = sitk.VectorIndexSelectionCast(img, self.channel)
         if img.GetDimension() > 3:
             size = list(img.GetSize())
+            index = [0] * len(size)
             if math.prod(size[3:]) != 1:
-                raise VolumeError(f"{names[0]}: 4D input (shape {tuple(size)}): pick a frame/channel first")
-            img = sitk.Extract(img, size[:3] + [0] * (len(size) - 3), [0] * len(size))
+                extra = [3 + i for i, s in enumerate(size[3:]) if s > 1]
+                if self.channel is None or len(extra) != 1:
+                    raise VolumeError(f"{names[0]}: 4D input (shape {tuple(size)}): pick a frame/channel first")
+                index[extra[0]] = self.channel
+            img = sitk.Extract(img, size[:3] + [0] * (len(size) - 3), index)
+        if img.GetPixelID() != self.pixel_type:
+            img = sitk.Cast(img, self.pixel_type)
         return img
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
@@ -142,8 +154,8 @@ class SimpleITKReader(ImageReader):
         return arr, meta
 
 
-@functools.lru_cache(maxsize=1)
-def _pipeline():
+@functools.lru_cache(maxsize=8)
+def _pipeline(channel: int | None = None):
     # LoadImage instantiates all of MONAI's default readers too (one logs a GPU-codec notice)
     # and, when the given reader fails, silently falls back to them: keep ours only.
     plugin_log = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
@@ -152,7 +164,7 @@ def _pipeline():
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            load = LoadImaged(keys="image", reader=SimpleITKReader(), image_only=True, dtype=np.float32)
+            load = LoadImaged(keys="image", reader=SimpleITKReader(channel=channel), image_only=True, dtype=np.float32)
     finally:
         plugin_log.setLevel(level)
     loader = getattr(load, "_loader", None)
@@ -166,11 +178,11 @@ def _pipeline():
     ])
 
 
-def _run_pipeline(data: str | list[str], where: Path, fmt: str):
+def _run_pipeline(data: str | list[str], where: Path, fmt: str, channel: int | None = None):
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module="monai")
-            return _pipeline()({"image": data})["image"]
+            return _pipeline(channel)({"image": data})["image"]
     except Exception as exc:  # MONAI wraps errors raised inside transforms: find ours, or the root cause
         chain: list[BaseException] = []
         e: BaseException | None = exc
@@ -185,8 +197,9 @@ def _run_pipeline(data: str | list[str], where: Path, fmt: str):
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_image_header(path: Path, fmt: str) -> tuple[int, ...]:
-    """Size of the image from its header; 2D / 4D / multi-component inputs refused here."""
+def _check_image_header(path: Path, fmt: str, channel: int | None = None) -> tuple[int, ...]:
+    """Size of the image from its header; 2D inputs refused here, and 4D / multi-component ones
+    unless ``channel`` picks one of their frames/channels (which must exist)."""
     r = sitk.ImageFileReader()
     r.SetFileName(str(path))
     try:
@@ -196,8 +209,18 @@ def _check_image_header(path: Path, fmt: str) -> tuple[int, ...]:
     size = tuple(int(s) for s in r.GetSize())
     ncomp = int(r.GetNumberOfComponents())
     shape = size + ((ncomp,) if ncomp > 1 else ())
-    if ncomp > 1 or (len(size) > 3 and math.prod(size[3:]) > 1):
-        raise VolumeError(f"{path}: 4D input (shape {shape}): pick a frame/channel first")
+    frames = math.prod(size[3:]) if len(size) > 3 else 1
+    if ncomp > 1 or frames > 1:
+        if channel is None:
+            raise VolumeError(f"{path}: 4D input (shape {shape}): pick a frame/channel first "
+                              "(channel=N in the API, --channel N on the command line)")
+        if (ncomp > 1 and frames > 1) or sum(s > 1 for s in size[3:]) > 1:
+            raise VolumeError(f"{path}: {len(shape)}D input (shape {shape}): only one frame/channel axis is supported")
+        count = ncomp if ncomp > 1 else frames
+        if not 0 <= channel < count:
+            raise VolumeError(f"{path}: no channel {channel}; the image has {count} (0-{count - 1})")
+    elif channel not in (None, 0):
+        raise VolumeError(f"{path}: no channel {channel}; the image has one (shape {shape})")
     if len(size) < 3 or min(size[:3]) <= 1:
         raise VolumeError(f"{path}: 2D image (shape {shape}), not a volume; a 3D image is needed")
     return size[:3]
@@ -246,7 +269,7 @@ def _normalise_modality(modality: str | None, where: Path) -> str | None:
     raise VolumeError(f"{where}: unknown modality {modality!r}; expected CT, MR or unknown")
 
 
-def _modality_from_text(text: str) -> str:
+def modality_from_text(text: str) -> str:
     t = str(text).strip().upper()
     if t == "CT" or t.startswith("CT") or t.endswith(" CT"):
         return "CT"
@@ -255,8 +278,9 @@ def _modality_from_text(text: str) -> str:
     return "unknown"
 
 
-def msd_modality(path: Path) -> str | None:
-    """Modality from ``dataset.json`` when ``path`` is in an MSD/nnU-Net ``images*`` folder."""
+def msd_modality(path: Path, channel: int | None = None) -> str | None:
+    """Modality from ``dataset.json`` when ``path`` is in an MSD/nnU-Net ``images*`` folder (the
+    name of channel ``channel``, default the first)."""
     folder = path.parent
     if not folder.name.lower().startswith("images"):
         return None
@@ -270,8 +294,16 @@ def msd_modality(path: Path) -> str | None:
         return None
     raw = meta.get("modality", meta.get("channel_names"))
     if isinstance(raw, dict):
-        raw = next(iter(raw.values()), None)
-    return None if raw is None else _modality_from_text(raw)
+        names = channel_names(raw)
+        raw = names[channel or 0] if (channel or 0) < len(names) else None
+    return None if raw is None else modality_from_text(raw)
+
+
+def channel_names(raw: dict) -> list[str]:
+    """``{"0": "T2", "1": "ADC"}`` (dataset.json's ``modality`` / ``channel_names``) -> names by index."""
+    def key(k) -> tuple[int, str]:
+        return (int(k), "") if str(k).isdigit() else (1 << 30, str(k))
+    return [str(raw[k]) for k in sorted(raw, key=key)]
 
 
 def _orientation_codes(affine: np.ndarray) -> str:
@@ -280,7 +312,8 @@ def _orientation_codes(affine: np.ndarray) -> str:
 
 # ----------------------------------------------------------------------------- public API
 
-def load_volume(path: str | Path, *, series_uid: str | None = None, modality: str | None = None) -> Volume:
+def load_volume(path: str | Path, *, series_uid: str | None = None, modality: str | None = None,
+                channel: int | None = None) -> Volume:
     """Read a scan into a :class:`Volume` in canonical LPS voxel order (no resampling).
 
     ``path``: NIfTI (``.nii``/``.nii.gz``), NRRD, MetaImage (``.mha``/``.mhd``), a DICOM series
@@ -288,6 +321,8 @@ def load_volume(path: str | Path, *, series_uid: str | None = None, modality: st
     ``series_uid``: the DICOM series to load when a folder holds several (a unique prefix is
     enough); without it an ambiguous folder raises a :class:`VolumeError` listing the series.
     ``modality``: "CT" / "MR" / "unknown"; overrides what the file or a ``dataset.json`` says.
+    ``channel``: the frame/channel (0-based) to take from a 4D or multi-component image file, e.g.
+    one sequence of an MSD multi-channel case; 0 is also accepted for a 3D file (one channel).
 
     The result has ``affine`` (canonical voxel -> RAS mm), ``source_affine`` (the file's own voxel
     order -> RAS mm), ``modality``, ``is_hu`` (DICOM CT with the rescale applied; for other CT
@@ -304,6 +339,8 @@ def load_volume(path: str | Path, *, series_uid: str | None = None, modality: st
     if not p.exists():
         raise VolumeError(f"{p}: no such file or folder")
     checked: CheckedSeries | None = None
+    if channel is not None and channel < 0:
+        raise VolumeError(f"{p}: channel must be 0 or more, got {channel}")
     if p.is_dir():
         fmt = "dicom"
         checked = check_series(select_series(p, series_uid), where=p)
@@ -323,17 +360,19 @@ def load_volume(path: str | Path, *, series_uid: str | None = None, modality: st
         elif series_uid is not None:
             warnings.warn(f"{p}: series_uid applies to DICOM input only; ignored", VolumeWarning, stacklevel=2)
 
+    if checked is not None and channel not in (None, 0):
+        raise VolumeError(f"{p}: channel {channel} asked for, but a DICOM series has one channel")
     if checked is not None:
         files = [str(f) for f in checked.files]
         data: str | list[str] = files if len(files) > 1 else files[0]
         where = p
     else:
-        _check_image_header(p, fmt)
+        _check_image_header(p, fmt, channel)
         if fmt == "nifti":
             _check_nifti_finite(p)
         data, where = str(p), p
     try:
-        img = _run_pipeline(data, where, fmt)
+        img = _run_pipeline(data, where, fmt, channel)
     except VolumeError:
         if checked is not None:
             _diagnose_dicom_files(checked.files)
@@ -358,6 +397,8 @@ def load_volume(path: str | Path, *, series_uid: str | None = None, modality: st
         "canonical_orientation": "".join(CANONICAL),
         "reader": READER_NAME + (" (GDCM)" if fmt == "dicom" else ""),
     }
+    if channel is not None:
+        meta["channel"] = channel
     detected = "unknown"
     is_hu = False
     uid = None
@@ -373,7 +414,7 @@ def load_volume(path: str | Path, *, series_uid: str | None = None, modality: st
         if checked.info.uid_generated:
             meta["series_uid_note"] = "the files carry no SeriesInstanceUID; this UID is derived from series attributes"
     else:
-        detected = msd_modality(p) or "unknown"
+        detected = msd_modality(p, channel) or "unknown"
     final = wanted or detected
     if wanted is not None and fmt == "dicom" and detected != "unknown" and wanted != detected:
         warnings.warn(f"{where}: DICOM says modality {detected}; using {wanted} as asked", VolumeWarning, stacklevel=2)

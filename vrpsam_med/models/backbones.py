@@ -198,7 +198,8 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], path: Path | st
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
         what = f"{len(missing)} missing keys (e.g. {missing[:2]})" if missing else ""
-        what += (", " if what else "") + (f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})" if unexpected else "")
+        if unexpected:
+            what += (", " if what else "") + f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
         raise CheckpointError(f"{path}: not a {expected} checkpoint: {what}")
 
 

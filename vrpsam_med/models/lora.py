@@ -143,5 +143,6 @@ def load_lora_backbone(backbone: nn.Module, path: Path) -> nn.Module:
                                        meta.get("targets", DEFAULT_TARGETS))
         load_lora(adapted.mask_decoder, path)
     except Exception as exc:  # noqa: BLE001 - missing metadata, unreadable file, shapes that do not fit
-        raise CheckpointError(f"{path}: not usable LoRA adapters ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise CheckpointError(f"{path}: not usable LoRA adapters ({reason})") from exc
     return adapted.requires_grad_(False)
