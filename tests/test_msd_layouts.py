@@ -178,3 +178,17 @@ def test_cohort_targets_of_a_multichannel_dataset_carry_their_channel(tmp_path):
     targets = enumerate_targets([v2], channel=1)  # one file per channel: the file is the channel
     assert [(Path(t.path).name, t.channel) for t in targets] == [("case0_0001.nii.gz", None),
                                                                    ("case1_0001.nii.gz", None)]
+
+
+def test_a_folder_of_nnunet_channel_files_is_one_case_per_patient(tmp_path):
+    from vrpsam_med.engine.cohort import enumerate_targets
+
+    v2 = nnunet_v2(tmp_path / "v2")
+    folder = v2 / "imagesTr"  # as imagesTs/ would be given to `segment`
+    nib.save(nib.Nifti1Image(channel_image(5, 0), AFF), str(folder / "patient_0007.nii.gz"))  # no _0000: a case
+    got = [(t.case_id, Path(t.path).name, t.channel) for t in enumerate_targets([folder], channel=1)]
+    assert got == [("case0", "case0_0001.nii.gz", None), ("case1", "case1_0001.nii.gz", None),
+                   ("patient_0007", "patient_0007.nii.gz", 1)]
+    got = [(t.case_id, Path(t.path).name) for t in enumerate_targets([folder])]
+    assert got == [("case0", "case0_0000.nii.gz"), ("case1", "case1_0000.nii.gz"),
+                   ("patient_0007", "patient_0007.nii.gz")]

@@ -301,7 +301,7 @@ def enumerate_targets(paths: Iterable[str | Path], split: str | None = None,
     ``channel``: the frame/channel to read from 4D / multi-channel images (MSD datasets: default
     their first channel).
     """
-    from vrpsam_med.io.msd import MSDDataset
+    from vrpsam_med.io.msd import MSDDataset, group_channel_files
 
     skip = {Path(p).resolve() for p in exclude}
     out: list[Target] = []
@@ -312,10 +312,16 @@ def enumerate_targets(paths: Iterable[str | Path], split: str | None = None,
             out += [Target(c.case_id, str(c.image), ds.modality, ds.image_channel(c)) for c in ds.cases(split)]
         elif p.is_dir() and not _is_dicom_folder(p):
             children = [c for c in sorted(p.iterdir()) if not c.name.startswith(".") and c.resolve() not in skip]
-            cases = [c for c in children if c.is_dir() or c.name.lower().endswith(IMAGE_EXTS)]
-            if not cases:
+            folders = [c for c in children if c.is_dir()]
+            files = [c for c in children if not c.is_dir() and c.name.lower().endswith(IMAGE_EXTS)]
+            if not folders and not files:
                 raise VolumeError(f"{p}: no scans found (image files, DICOM files or case subfolders)")
-            out += [Target(_case_name(c), str(c), channel=channel) for c in cases]
+            # nnU-Net's one file per channel (imagesTs/<case>_0000.nii.gz, _0001, ...): one case each
+            grouped = group_channel_files(files, channel or 0)
+            found = [(c.name, Target(_case_name(c), str(c), channel=channel)) for c in folders]
+            found += [(f.name, Target(cid, str(f), channel=None if per_channel else channel))
+                      for cid, f, per_channel in grouped]
+            out += [t for _, t in sorted(found, key=lambda item: item[0])]
         else:
             out.append(Target(_case_name(p), str(p), channel=channel))
     seen: dict[str, int] = {}

@@ -18,7 +18,7 @@ import numpy as np
 from vrpsam_med.io.errors import VolumeError, VolumeWarning
 from vrpsam_med.io.volume import Volume
 
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -180,12 +180,12 @@ def _listed_case(root: Path, item: dict, channel: int, meta_path: Path) -> Case:
     return Case(stem, img, lab)
 
 
-def _scanned_cases(root: Path, channel: int, ending: str | None) -> list[Case]:
-    """Cases from the files of ``imagesTr/``. nnU-Net's ``<case>_<channel:04d><file_ending>``
-    files are one case when the case has a ``_0000`` file (so ``patient_0001.nii.gz`` alone is a
-    case of its own); a case without the asked channel's file is left out."""
-    folder = root / "imagesTr"
-    files = sorted(folder.iterdir()) if folder.is_dir() else []
+def group_channel_files(files: list[Path], channel: int = 0, ending: str | None = None
+                        ) -> list[tuple[str, Path, bool]]:
+    """Image files -> ``(case_id, file, per_channel)``, sorted by case id. nnU-Net's
+    ``<case>_<channel:04d><ending>`` files are one case when the case has a ``_0000`` file (so
+    ``patient_0001.nii.gz`` alone is a case of its own): its file is the asked channel's, and a case
+    without that channel's file is left out. Other files (not images, hidden, other ``ending``) are skipped."""
     stems: dict[str, tuple[Path, str]] = {}
     for img in files:
         parts = _split_ending(img.name)
@@ -193,16 +193,24 @@ def _scanned_cases(root: Path, channel: int, ending: str | None) -> list[Case]:
             continue
         stems[parts[0]] = (img, parts[1])
     layered = {m["case"] for st in stems if (m := _CHANNEL_SUFFIX.match(st)) and m["channel"] == "0000"}
-    found: dict[str, tuple[Path, str, bool]] = {}
-    for stem, (img, ext) in stems.items():
+    found: dict[str, tuple[Path, bool]] = {}
+    for stem, (img, _) in stems.items():
         m = _CHANNEL_SUFFIX.match(stem)
         if m is not None and m["case"] in layered:
             if int(m["channel"]) == channel:
-                found[m["case"]] = (img, ext, True)
+                found[m["case"]] = (img, True)
         else:
-            found[stem] = (img, ext, False)
+            found[stem] = (img, False)
+    return [(cid, img, per_channel) for cid, (img, per_channel) in sorted(found.items())]
+
+
+def _scanned_cases(root: Path, channel: int, ending: str | None) -> list[Case]:
+    """Cases from the files of ``imagesTr/`` (:func:`group_channel_files`), labels from ``labelsTr/``."""
+    folder = root / "imagesTr"
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
     cases = []
-    for cid, (img, ext, per_channel) in sorted(found.items()):
+    for cid, img, per_channel in group_channel_files(files, channel, ending):
+        ext = _split_ending(img.name)[1]
         lab = root / "labelsTr" / f"{cid}{ending or ext}"
         if not lab.exists() and ending is None:
             lab = next((root / "labelsTr" / f"{cid}{e}" for e in IMAGE_ENDINGS
