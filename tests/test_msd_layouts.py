@@ -192,3 +192,12 @@ def test_a_folder_of_nnunet_channel_files_is_one_case_per_patient(tmp_path):
     got = [(t.case_id, Path(t.path).name) for t in enumerate_targets([folder])]
     assert got == [("case0", "case0_0000.nii.gz"), ("case1", "case1_0000.nii.gz"),
                    ("patient_0007", "patient_0007.nii.gz")]
+
+
+def test_a_channel_file_takes_its_own_channels_modality(tmp_path):
+    root = nnunet_v2(tmp_path / "d")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["channel_names"] = {"0": "CT", "1": "T2"}  # unusual, but tells the two channel files apart
+    write_json(root, meta)
+    assert load_volume(root / "imagesTr" / "case0_0000.nii.gz").modality == "CT"
+    assert load_volume(root / "imagesTr" / "case0_0001.nii.gz").modality == "MR"

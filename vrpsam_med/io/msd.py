@@ -159,9 +159,11 @@ class MSDDataset:
         return image, np.rint(lab.array).astype(np.int16)
 
 
-def _stem(path: Path) -> str:
-    parts = _split_ending(path.name)
-    return parts[0] if parts else path.stem
+def file_channel(path: Path) -> int | None:
+    """The channel index in an nnU-Net file name (``case_0001.nii.gz`` -> 1), else None."""
+    parts = _split_ending(Path(path).name)
+    m = _CHANNEL_SUFFIX.match(parts[0]) if parts else None
+    return int(m["channel"]) if m else None
 
 
 def _listed_case(root: Path, item: dict, channel: int, meta_path: Path) -> Case:

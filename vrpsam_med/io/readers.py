@@ -295,6 +295,10 @@ def msd_modality(path: Path, channel: int | None = None) -> str | None:
     raw = meta.get("modality", meta.get("channel_names"))
     if isinstance(raw, dict):
         names = channel_names(raw)
+        if channel is None:  # nnU-Net's one file per channel: <case>_0001.nii.gz is channel 1
+            from vrpsam_med.io.msd import file_channel
+
+            channel = file_channel(path)
         raw = names[channel or 0] if (channel or 0) < len(names) else None
     return None if raw is None else modality_from_text(raw)
 
