@@ -201,3 +201,31 @@ def test_a_channel_file_takes_its_own_channels_modality(tmp_path):
     write_json(root, meta)
     assert load_volume(root / "imagesTr" / "case0_0000.nii.gz").modality == "CT"
     assert load_volume(root / "imagesTr" / "case0_0001.nii.gz").modality == "MR"
+
+
+
+def test_evaluate_on_a_chosen_channel_records_it(tmp_path):
+    """The registration baseline (no model) on channel 1 of 4D cases equals it on the 3D images."""
+    from test_evaluation import make_msd
+
+    from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
+
+    plain = make_msd(tmp_path / "plain", n_cases=2)
+    meta = json.loads((plain / "dataset.json").read_text())
+    four = tmp_path / "four"
+    (four / "imagesTr").mkdir(parents=True)
+    (four / "labelsTr").mkdir()
+    for item in meta["training"]:
+        img = nib.load(str(plain / item["image"]))
+        data = np.asanyarray(img.dataobj).astype(np.float32)
+        noise = np.random.default_rng(1).normal(0, 50, data.shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(np.stack([noise, data], -1), img.affine), str(four / item["image"]))
+        (four / item["label"]).write_bytes((plain / item["label"]).read_bytes())
+    meta["modality"] = {"0": "noise", "1": "MR"}
+    write_json(four, meta)
+    cfg = EvalConfig(protocol="volume", method="registration", labels=["ball"])
+    want = evaluate(MSDDataset.open(plain), cfg, cache=None)
+    got = evaluate(MSDDataset.open(four, channel=1), cfg, cache=None)
+    assert got.to_json()["config"]["channel"] == 1 and want.to_json()["config"]["channel"] is None
+    assert [r["dice"] for r in got.per_case] == pytest.approx([r["dice"] for r in want.per_case])
+    assert len(got.per_case) == 2 and min(r["dice"] for r in got.per_case) > 0.3

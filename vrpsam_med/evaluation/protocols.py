@@ -242,7 +242,8 @@ def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
             per_label[n] = float(np.mean(ds)) if ds else float("nan")
     vals = [v for v in per_label.values() if not np.isnan(v)]
     return EvalResult(float(np.mean(vals)) if vals else float("nan"), per_label, rows,
-                      time.perf_counter() - t0, {**cfg.__dict__, "labels": names, "dataset": str(dataset.root)})
+                      time.perf_counter() - t0, {**cfg.__dict__, "labels": names, "dataset": str(dataset.root),
+                       "channel": dataset.channel})
 
 
 def patient_id(case_id: str) -> str:
