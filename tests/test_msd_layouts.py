@@ -229,3 +229,18 @@ def test_evaluate_on_a_chosen_channel_records_it(tmp_path):
     assert got.to_json()["config"]["channel"] == 1 and want.to_json()["config"]["channel"] is None
     assert [r["dice"] for r in got.per_case] == pytest.approx([r["dice"] for r in want.per_case])
     assert len(got.per_case) == 2 and min(r["dice"] for r in got.per_case) > 0.3
+
+
+def test_channel_count_from_the_header(tmp_path):
+    from vrpsam_med.io.readers import channel_count
+
+    root = msd_4d(tmp_path / "d", n_channels=3)
+    assert channel_count(root / "imagesTr" / "prostate_00.nii.gz") == 3
+    assert channel_count(root / "labelsTr" / "prostate_00.nii.gz") == 1
+    path = tmp_path / "vector.nrrd"
+    comps = [sitk.GetImageFromArray(np.transpose(channel_image(0, c), (2, 1, 0))) for c in range(2)]
+    sitk.WriteImage(sitk.Compose(comps), str(path))
+    assert channel_count(path) == 2
+    (tmp_path / "bad.nii.gz").write_bytes(b"not an image" * 20)
+    with pytest.raises(VolumeError, match="bad.nii.gz: cannot read NIfTI image"):
+        channel_count(tmp_path / "bad.nii.gz")

@@ -92,6 +92,33 @@ def test_reader_accepts_supported_names(tmp_path):
     assert layer_name("/x/series/IM0001.dcm") == "series"  # one file opens its whole series
 
 
+def test_multichannel_file_opens_one_layer_per_channel(tmp_path):
+    """An MSD-style 4D file (channels on the 4th axis): one Image layer per channel, each its own Volume."""
+    import nibabel as nib
+
+    path = tmp_path / "prostate_00.nii.gz"
+    img = np.stack([np.full((6, 5, 4), 10.0 * (c + 1), np.float32) for c in range(2)], axis=-1)
+    nib.save(nib.Nifti1Image(img, np.eye(4)), str(path))
+    layers = get_reader(str(path))(str(path))
+    assert [kw["name"] for _, kw, _ in layers] == ["prostate_00 [channel 0]", "prostate_00 [channel 1]"]
+    for c, (data, kw, kind) in enumerate(layers):
+        assert kind == "image" and data.shape == (4, 5, 6) and np.all(data == 10.0 * (c + 1))
+        assert kw["metadata"]["volume"].meta["channel"] == c
+
+
+def test_long_4d_file_opens_its_first_frame_with_a_warning(tmp_path):
+    import nibabel as nib
+    from napari_vrpsam_med._reader import MAX_CHANNEL_LAYERS
+
+    path = tmp_path / "cine.nii.gz"
+    frames = MAX_CHANNEL_LAYERS + 2
+    img = np.stack([np.full((6, 5, 4), float(c), np.float32) for c in range(frames)], axis=-1)
+    nib.save(nib.Nifti1Image(img, np.eye(4)), str(path))
+    with pytest.warns(UserWarning, match=f"{frames} frames/channels; opened the first only"):
+        layers = get_reader(str(path))(str(path))
+    assert len(layers) == 1 and np.all(layers[0][0] == 0.0)
+
+
 def test_corrupt_file_gives_clear_error(tmp_path):
     from vrpsam_med.io import VolumeError
 

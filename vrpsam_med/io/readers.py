@@ -226,6 +226,24 @@ def _check_image_header(path: Path, fmt: str, channel: int | None = None) -> tup
     return size[:3]
 
 
+def channel_count(path: str | Path) -> int:
+    """How many frames/channels ``load_volume(path, channel=...)`` can pick from: N for a 4D or
+    multi-component image file (read from its header only), 1 for a 3D file or a DICOM folder.
+    Raises :class:`VolumeError` for unreadable files."""
+    p = Path(path).expanduser()
+    fmt = image_format(p) if p.is_file() else None
+    if fmt is None:
+        return 1
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(p))
+    try:
+        r.ReadImageInformation()
+    except Exception as exc:
+        raise VolumeError(f"{p}: cannot read {FORMAT_NAMES[fmt]} image ({itk_reason(exc)})") from None
+    ncomp = int(r.GetNumberOfComponents())
+    return ncomp if ncomp > 1 else max(1, math.prod(int(s) for s in r.GetSize()[3:]))
+
+
 def _nonfinite_message(where: Path, bad: int) -> str:
     return (f"{where}: {bad} NaN/Inf voxel{'s' if bad != 1 else ''} in the image; "
             "fix or mask them before segmenting")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom", ".ima", ".dic")
 _DICOM_SNIFF_LIMIT = 64
 
 LayerData = tuple[Any, dict[str, Any], str]
+#: A 4D / multi-channel file opens as one layer per channel up to this many; beyond it (e.g. a cine
+#: series of 30 frames) only the first frame opens, with a warning.
+MAX_CHANNEL_LAYERS = 8
 ReaderFunction = Callable[[Any], list[LayerData]]
 
 
@@ -180,14 +184,25 @@ def read_volume(path: Any) -> list[LayerData]:
     """
     _import_triton_isolated()
     from vrpsam_med.io import VolumeError, load_volume
+    from vrpsam_med.io.readers import channel_count
 
     p = _single_path(path)
     if p is None:
         raise VolumeError(f"{path!r}: napari-vrpsam-med opens one scan (file or DICOM folder) at a time")
     try:
-        volume = load_volume(p)
+        n = channel_count(p)
+        if n == 1:
+            return volume_to_layer_data(load_volume(p), name=layer_name(p), source=p)
+        if n > MAX_CHANNEL_LAYERS:
+            warnings.warn(f"{p}: {n} frames/channels; opened the first only "
+                          f"(vrpsam-med segments 3D volumes: split the file to review others)", stacklevel=2)
+        # one Image layer per channel (e.g. the MR sequences of an MSD case), each with its own Volume
+        layers: list[LayerData] = []
+        for c in range(n if n <= MAX_CHANNEL_LAYERS else 1):
+            layers += volume_to_layer_data(load_volume(p, channel=c), name=f"{layer_name(p)} [channel {c}]",
+                                           source=p)
+        return layers
     except VolumeError:
         raise  # already one line, "<path>: <problem>"
     except Exception as exc:  # anything the library did not phrase for users: still one line
         raise VolumeError(f"{p}: cannot read this scan ({type(exc).__name__}: {exc})") from exc
-    return volume_to_layer_data(volume, name=layer_name(p), source=p)
