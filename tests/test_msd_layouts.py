@@ -244,3 +244,23 @@ def test_channel_count_from_the_header(tmp_path):
     (tmp_path / "bad.nii.gz").write_bytes(b"not an image" * 20)
     with pytest.raises(VolumeError, match="bad.nii.gz: cannot read NIfTI image"):
         channel_count(tmp_path / "bad.nii.gz")
+
+
+def test_evaluate_leaves_out_cases_without_labels_and_says_so(tmp_path):
+    from test_evaluation import make_msd
+
+    from vrpsam_med.errors import UsageError
+    from vrpsam_med.evaluation.protocols import EvalConfig, evaluate
+
+    root = make_msd(tmp_path / "d", n_cases=3)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][2]["label"] = None
+    write_json(root, meta)
+    cfg = EvalConfig(protocol="fewshot", method="registration", labels=["ball"])
+    with pytest.warns(UserWarning, match=r"1 case\(s\) without a label volume left out \(case_2\)"):
+        res = evaluate(MSDDataset.open(root), cfg, cache=None)
+    assert {r["query"] for r in res.per_case} == {"case_0", "case_1"}
+    meta["training"][1]["label"] = None
+    write_json(root, meta)
+    with pytest.warns(UserWarning), pytest.raises(UsageError, match="at least 2 labelled cases"):
+        evaluate(MSDDataset.open(root), cfg, cache=None)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -198,9 +199,15 @@ def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
     rng = np.random.default_rng(cfg.seed)
     names = list(cfg.labels) if cfg.labels else list(dataset.labels.values())
     values = {n: dataset.label_value(n) for n in names}
-    cases = dataset.cases(cfg.split)[: cfg.max_cases]
+    cases = dataset.cases(cfg.split)
+    unlabelled = [c.case_id for c in cases if c.label is None]
+    if unlabelled:  # e.g. nnU-Net images without a labelsTr file: nothing to score them against
+        shown = ", ".join(unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
+        warnings.warn(f"{dataset.root}: {len(unlabelled)} case(s) without a label volume left out ({shown})",
+                      UserWarning, stacklevel=2)
+    cases = [c for c in cases if c.label is not None][: cfg.max_cases]
     if len(cases) < 2:
-        raise UsageError(f"{dataset.root}: the protocols need at least 2 cases in split {cfg.split!r}")
+        raise UsageError(f"{dataset.root}: the protocols need at least 2 labelled cases in split {cfg.split!r}")
     loaded = [(c.case_id, *dataset.load(c)) for c in cases]
     seg = _Segmenters(cfg.method, cache, predictor)
     seg.engine_config = engine_config
