@@ -208,3 +208,22 @@ def test_training_precision_auto_follows_the_cpu(tmp_path, monkeypatch):
     cfg_file.write_text("bf16: yes please\n")
     with pytest.raises(UsageError, match="'bf16' must be true, false or 'auto'"):
         load_train_config(cfg_file)
+
+
+def test_an_unlabelled_case_gives_supervoxel_episodes_only(tmp_path, backbone):
+    from test_evaluation import make_msd
+
+    from vrpsam_med.io.msd import MSDDataset
+    from vrpsam_med.models.cache import EmbeddingCache
+    from vrpsam_med.training.data import prepare_case
+
+    root = make_msd(tmp_path / "d", n_cases=1, shape=(64, 64, 4))
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][0]["label"] = None
+    (root / "dataset.json").write_text(json.dumps(meta))
+    ds = MSDDataset.open(root)
+    cache = EmbeddingCache(backbone, root=tmp_path / "cache", progress=False)
+    rec = prepare_case(ds, ds.cases()[0], cache, tmp_path / "episodes")
+    assert rec.labels.shape[0] == 4 and not rec.labels.any() and len(np.unique(rec.supervoxels)) > 2
+    sampler = EpisodeSampler([rec], EpisodeConfig(p_supervoxel=1.0), seed=0)
+    assert sampler.keys == [] and sampler.batch(2) is not None  # supervoxel targets only

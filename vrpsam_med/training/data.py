@@ -76,10 +76,13 @@ def supervoxels(volume: Volume, unit: np.ndarray, n_segments: int = SUPERVOXELS_
 
 
 def prepare_case(ds: MSDDataset, case: Case, cache: EmbeddingCache, out_dir: Path) -> CaseRecord:
-    """Encode every axial slice (cached), compute model-space labels and supervoxels (saved)."""
+    """Encode every axial slice (cached), compute model-space labels and supervoxels (saved).
+    A case without a label volume gets all-background labels: only its supervoxels become episodes."""
     from vrpsam_med.io.intensity import model_intensities
 
     volume, labels = ds.load(case)
+    if labels is None:  # an unlabelled case still gives supervoxel episodes (self-supervised targets)
+        labels = np.zeros(volume.shape, np.int16)
     n = volume.shape[2]
     paths = cache.paths(volume, range(n), "axial")
     record_path = out_dir / f"{ds.name}__{case.case_id}__{volume.digest()}.npz"
