@@ -37,6 +37,7 @@ from vrpsam_med.engine.export import OutputWriteError, check_writable, export_re
 from vrpsam_med.io.annotation_file import annotation_from_mask, annotation_name, load_annotation_file
 from vrpsam_med.io.atomic import atomic_write
 from vrpsam_med.io.errors import OutputExistsError, VolumeError, VolumeWarning, one_line
+from vrpsam_med.io.formats import IMAGE_FORMATS
 from vrpsam_med.io.volume import Volume, axis_index, get_slice
 from vrpsam_med.prompts import KINDS, Annotation, AnnotationError
 
@@ -44,7 +45,7 @@ log = logging.getLogger("vrpsam_med.cohort")
 
 MANIFEST = "manifest.json"
 STAGING = ".partial"
-IMAGE_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_EXTS = tuple(IMAGE_FORMATS)  # image file name endings (lower case)
 
 
 class CohortError(VolumeError):

@@ -16,18 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from vrpsam_med.io.errors import VolumeError, VolumeWarning
+from vrpsam_med.io.formats import IMAGE_FORMATS, split_ending
 from vrpsam_med.io.volume import Volume
 
-IMAGE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-
-
-def _split_ending(name: str) -> tuple[str, str] | None:
-    """``case_0000.nii.gz`` -> (``case_0000``, ``.nii.gz``); None for other files."""
-    for ending in IMAGE_ENDINGS:
-        if name.lower().endswith(ending):
-            return name[: -len(ending)], name[-len(ending):]
-    return None
 
 
 @dataclass(frozen=True)
@@ -161,7 +153,7 @@ class MSDDataset:
 
 def file_channel(path: Path) -> int | None:
     """The channel index in an nnU-Net file name (``case_0001.nii.gz`` -> 1), else None."""
-    parts = _split_ending(Path(path).name)
+    parts = split_ending(Path(path).name)
     m = _CHANNEL_SUFFIX.match(parts[0]) if parts else None
     return int(m["channel"]) if m else None
 
@@ -173,7 +165,7 @@ def _listed_case(root: Path, item: dict, channel: int, meta_path: Path) -> Case:
         raise VolumeError(f"{meta_path}: a 'training' entry has no 'image': {item!r}")
     img = (root / item["image"]).resolve()
     lab = (root / item["label"]).resolve() if item.get("label") else None
-    parts = _split_ending(img.name)
+    parts = split_ending(img.name)
     stem, ending = parts if parts else (img.stem, img.suffix)
     if not img.exists():
         per_channel = img.with_name(f"{stem}_{channel:04d}{ending}")
@@ -190,7 +182,7 @@ def group_channel_files(files: list[Path], channel: int = 0, ending: str | None 
     without that channel's file is left out. Other files (not images, hidden, other ``ending``) are skipped."""
     stems: dict[str, tuple[Path, str]] = {}
     for img in files:
-        parts = _split_ending(img.name)
+        parts = split_ending(img.name)
         if parts is None or img.name.startswith(".") or (ending and not img.name.endswith(ending)):
             continue
         stems[parts[0]] = (img, parts[1])
@@ -212,10 +204,8 @@ def _scanned_cases(root: Path, channel: int, ending: str | None) -> list[Case]:
     files = sorted(folder.iterdir()) if folder.is_dir() else []
     cases = []
     for cid, img, per_channel in group_channel_files(files, channel, ending):
-        ext = _split_ending(img.name)[1]
-        lab = root / "labelsTr" / f"{cid}{ending or ext}"
-        if not lab.exists() and ending is None:
-            lab = next((root / "labelsTr" / f"{cid}{e}" for e in IMAGE_ENDINGS
-                        if (root / "labelsTr" / f"{cid}{e}").exists()), lab)
-        cases.append(Case(cid, img, lab if lab.exists() else None, per_channel=per_channel))
+        ext = split_ending(img.name)[1]
+        tried = [ending] if ending else [ext, *IMAGE_FORMATS]
+        lab = next((p for p in (root / "labelsTr" / f"{cid}{e}" for e in tried) if p.exists()), None)
+        cases.append(Case(cid, img, lab, per_channel=per_channel))
     return cases

@@ -36,27 +36,14 @@ from monai.utils import MetaKeys, SpaceKeys
 
 from vrpsam_med.io.dicom import CheckedSeries, check_series, read_header, select_series, series_key, series_metadata
 from vrpsam_med.io.errors import VolumeError, VolumeWarning, one_line
+from vrpsam_med.io.formats import FORMAT_NAMES, image_format
 from vrpsam_med.io.volume import Volume
 
 log = logging.getLogger("vrpsam_med.io")
 
-#: file name ending -> format
-IMAGE_FORMATS: dict[str, str] = {
-    ".nii.gz": "nifti", ".nii": "nifti", ".nrrd": "nrrd", ".nhdr": "nrrd", ".mha": "metaimage", ".mhd": "metaimage",
-}
-FORMAT_NAMES = {"nifti": "NIfTI", "nrrd": "NRRD", "metaimage": "MetaImage", "dicom": "DICOM"}
 CANONICAL = ("L", "P", "S")
 READER_NAME = "monai.LoadImaged + vrpsam_med SimpleITKReader"
 _MR_WORDS = ("MR", "MRI", "T1", "T2", "FLAIR", "ADC", "DWI", "CINE", "PD", "SSFP")
-
-
-def image_format(path: str | Path) -> str | None:
-    """'nifti' | 'nrrd' | 'metaimage' from the file name, else None."""
-    low = Path(path).name.lower()
-    for ext, fmt in IMAGE_FORMATS.items():
-        if low.endswith(ext):
-            return fmt
-    return None
 
 
 # ----------------------------------------------------------------------------- MONAI reader
@@ -197,17 +184,21 @@ def _run_pipeline(data: str | list[str], where: Path, fmt: str, channel: int | N
 
 # ----------------------------------------------------------------------------- checks
 
-def _check_image_header(path: Path, fmt: str, channel: int | None = None) -> tuple[int, ...]:
-    """Size of the image from its header; 2D inputs refused here, and 4D / multi-component ones
-    unless ``channel`` picks one of their frames/channels (which must exist)."""
+def _header(path: Path, fmt: str) -> tuple[tuple[int, ...], int]:
+    """(size, components per pixel) from the image file's header alone."""
     r = sitk.ImageFileReader()
     r.SetFileName(str(path))
     try:
         r.ReadImageInformation()
     except Exception as exc:
         raise VolumeError(f"{path}: cannot read {FORMAT_NAMES[fmt]} image ({itk_reason(exc)})") from None
-    size = tuple(int(s) for s in r.GetSize())
-    ncomp = int(r.GetNumberOfComponents())
+    return tuple(int(s) for s in r.GetSize()), int(r.GetNumberOfComponents())
+
+
+def _check_image_header(path: Path, fmt: str, channel: int | None = None) -> tuple[int, ...]:
+    """Size of the image from its header; 2D inputs refused here, and 4D / multi-component ones
+    unless ``channel`` picks one of their frames/channels (which must exist)."""
+    size, ncomp = _header(path, fmt)
     shape = size + ((ncomp,) if ncomp > 1 else ())
     frames = math.prod(size[3:]) if len(size) > 3 else 1
     if ncomp > 1 or frames > 1:
@@ -234,14 +225,8 @@ def channel_count(path: str | Path) -> int:
     fmt = image_format(p) if p.is_file() else None
     if fmt is None:
         return 1
-    r = sitk.ImageFileReader()
-    r.SetFileName(str(p))
-    try:
-        r.ReadImageInformation()
-    except Exception as exc:
-        raise VolumeError(f"{p}: cannot read {FORMAT_NAMES[fmt]} image ({itk_reason(exc)})") from None
-    ncomp = int(r.GetNumberOfComponents())
-    return ncomp if ncomp > 1 else max(1, math.prod(int(s) for s in r.GetSize()[3:]))
+    size, ncomp = _header(p, fmt)
+    return ncomp if ncomp > 1 else max(1, math.prod(size[3:]))
 
 
 def _nonfinite_message(where: Path, bad: int) -> str:
