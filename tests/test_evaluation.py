@@ -178,6 +178,8 @@ def test_engine_fewshot_with_mask_references_learns_nothing_from_labels(tmp_path
                    engine_config=SegmenterConfig(vrp_refine=None, scan_fallback=False, slab_max_slices=4))
     assert [r["support"] for r in res.per_case if r["label"] == "ball"] == ["case_1", "case_2", "case_0"]
     assert res.per_label["ball"] > 0.8 and res.per_label["box"] > 0.6, res.per_label
+    # the JSON records what the run changed from the engine's defaults
+    assert res.to_json()["config"]["engine"] == {"vrp_refine": None, "scan_fallback": False, "slab_max_slices": 4}
 
 
 def test_fewshot_engine_is_told_each_chunks_slices():

@@ -873,6 +873,43 @@ def test_vrp_refine_only_for_structures_vrp_segments_well(model_and_cache, monke
     assert st.vrp_self_dice is None  # a new reference is measured again
 
 
+def test_vrp_refine_in_another_volume_needs_vrp_to_match_the_seed_there(model_and_cache, monkeypatch):
+    """In a volume without a reference, VRP refines only when its own mask on the seed slices matches the
+    seeds (VRP can be good on the reference's patient and partial in another); the check can be switched off."""
+    seg = make(model_and_cache, vrp_refine="candidate", vrp_refine_min_dice=0.8)
+    seed = np.zeros((32, 32), bool)
+    seed[8:24, 8:24] = True
+    half = seed.copy()
+    half[16:] = False  # Dice 2/3 with the seed
+    cache = {}
+
+    def vrp(ks, mask):
+        for k in ks:
+            cache[k] = (mask, 0.9, 0.9, 0.9)
+    assert seg._vrp_agrees([(3, seed)], lambda ks: vrp(ks, seed), cache)
+    cache.clear()
+    assert not seg._vrp_agrees([(3, seed)], lambda ks: vrp(ks, half), cache)
+    assert not seg._vrp_agrees([], lambda ks: None, {})
+
+    vol, lab = phantom()
+    other, _ = phantom(shift=5)
+    calls = []
+    real = Segmenter._refine_with_vrp
+    monkeypatch.setattr(Segmenter, "_refine_with_vrp", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(Segmenter, "_vrp_agrees", lambda self, *a: False)
+    counts = {}
+    for check in (True, False):
+        seg = make(model_and_cache, vrp_refine="candidate", vrp_refine_min_dice=0.0, vrp_refine_seed_check=check)
+        seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+        seg.segment(other)  # also segments the reference's own volume (the registration prior): refined there
+        assert len(calls) >= 4
+        calls.clear()
+        seg.segment(other)  # the prior is kept: only the other volume's propagation now
+        counts[check] = len(calls)
+        calls.clear()
+    assert counts[True] == 0 and counts[False] >= 2
+
+
 def twins() -> tuple[Volume, np.ndarray]:
     """Two alike bright disks side by side on every slice: the left one is label 1, the right one label 2."""
     shape = (96, 64, 6)

@@ -185,6 +185,11 @@ class SegmenterConfig:
     vrp_refine: str | None = "candidate"
     vrp_refine_min_dice: float = 0.8  # ... only for structures whose VRP mask on the reference slices is this good
     vrp_refine_box_presence: bool = True  # "candidate": presence judged on the box mask even when the trimmed one wins
+    # other volumes: refine only when VRP's mask on the seed slices matches the seeds (Dice >= vrp_refine_min_dice):
+    # VRP can be good on the reference's patient and partial in another (BTCV test, right kidney into the scan without
+    # contrast: VRP's half kidney beat the right box mask, Dice 0.93 -> 0.66, and propagation never recovered).
+    # Opt-in: on BTCV train kidneys (4 patients, 24 pairs) it changed nothing; not yet run on test (docs/vrp.md)
+    vrp_refine_seed_check: bool = False
     seed_prototype: bool = False  # other volumes: the seed's own look also counts when propagating (unproven)
     # other volumes: a candidate seed must also look more like the reference's foreground than like each of up to
     # this many look-alikes on the reference slice (background regions whose embedding cells have cosine >=
@@ -849,6 +854,8 @@ class Segmenter:
         min_px = MIN_MARGIN_PX if same else _min_px(volume, ax, cfg.localised_box_min_mm)
         seed_slices = [s for s, _ in seeds]
         refine = bool(cfg.vrp_refine) and self._vrp_reliable(st)
+        if refine and not same and cfg.vrp_refine_seed_check:
+            refine = self._vrp_agrees(seeds, vrp, vrp_cache)
         confirm = 1 if n <= cfg.slab_max_slices else cfg.confirm_after_absent
         for k0, _ in seeds:
             for step in (-1, 1):
@@ -967,6 +974,13 @@ class Segmenter:
                 scores.append(2 * (mask & seed).sum() / max(mask.sum() + seed.sum(), 1))
             st.vrp_self_dice = float(np.mean(scores))
         return st.vrp_self_dice >= self.config.vrp_refine_min_dice
+
+    def _vrp_agrees(self, seeds: list[tuple[int, np.ndarray]], vrp, vrp_cache) -> bool:
+        """Does VRP's own mask on the seed slices of another volume match the seeds (mean Dice)?"""
+        vrp([k for k, _ in seeds])
+        scores = [_dice(vrp_cache[k][0], seed) for k, seed in seeds]
+        log.debug("VRP vs seeds %s: Dice %s", [k for k, _ in seeds], [round(x, 3) for x in scores])
+        return bool(scores) and float(np.mean(scores)) >= self.config.vrp_refine_min_dice
 
     def _refine_with_vrp(self, emb: torch.Tensor, decoded: tuple[np.ndarray, float], vrp_mask: np.ndarray,
                          shape: tuple[int, int], margin: float | None, min_px: tuple[float, float]

@@ -27,7 +27,7 @@ import re
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -250,7 +250,16 @@ def evaluate(dataset: MSDDataset, cfg: EvalConfig, cache: EmbeddingCache,
     vals = [v for v in per_label.values() if not np.isnan(v)]
     return EvalResult(float(np.mean(vals)) if vals else float("nan"), per_label, rows,
                       time.perf_counter() - t0, {**cfg.__dict__, "labels": names, "dataset": str(dataset.root),
-                       "channel": dataset.channel})
+                       "channel": dataset.channel, "engine": _changed_settings(engine_config)})
+
+
+def _changed_settings(config) -> dict:
+    """The settings of a SegmenterConfig that differ from the defaults (what a run's --engine changed)."""
+    if config is None:
+        return {}
+    default = type(config)()
+    return {f.name: getattr(config, f.name) for f in fields(config)
+            if getattr(config, f.name) != getattr(default, f.name)}
 
 
 def patient_id(case_id: str) -> str:
