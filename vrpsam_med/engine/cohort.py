@@ -37,7 +37,7 @@ from vrpsam_med.engine.export import OutputWriteError, check_writable, export_re
 from vrpsam_med.io.annotation_file import annotation_from_mask, annotation_name, load_annotation_file
 from vrpsam_med.io.atomic import atomic_write
 from vrpsam_med.io.errors import OutputExistsError, VolumeError, VolumeWarning, one_line
-from vrpsam_med.io.formats import IMAGE_FORMATS
+from vrpsam_med.io.formats import image_format, split_ending
 from vrpsam_med.io.volume import Volume, axis_index, get_slice
 from vrpsam_med.prompts import KINDS, Annotation, AnnotationError
 
@@ -45,7 +45,6 @@ log = logging.getLogger("vrpsam_med.cohort")
 
 MANIFEST = "manifest.json"
 STAGING = ".partial"
-IMAGE_EXTS = tuple(IMAGE_FORMATS)  # image file name endings (lower case)
 
 
 class CohortError(VolumeError):
@@ -269,11 +268,8 @@ def _safe_id(text: str) -> str:
 
 
 def _case_name(path: Path) -> str:
-    low = path.name.lower()
-    for ext in IMAGE_EXTS:
-        if low.endswith(ext):
-            return path.name[: -len(ext)]
-    return path.name
+    parts = split_ending(path.name)
+    return parts[0] if parts else path.name
 
 
 def _is_dicom_folder(folder: Path, probe: int = 5) -> bool:
@@ -281,7 +277,7 @@ def _is_dicom_folder(folder: Path, probe: int = 5) -> bool:
     from vrpsam_med.io.dicom import read_header
 
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
-             and not p.name.lower().endswith(IMAGE_EXTS)]
+             and image_format(p) is None]
     for f in files[:probe]:
         try:
             if read_header(f) is not None:
@@ -314,7 +310,7 @@ def enumerate_targets(paths: Iterable[str | Path], split: str | None = None,
         elif p.is_dir() and not _is_dicom_folder(p):
             children = [c for c in sorted(p.iterdir()) if not c.name.startswith(".") and c.resolve() not in skip]
             folders = [c for c in children if c.is_dir()]
-            files = [c for c in children if not c.is_dir() and c.name.lower().endswith(IMAGE_EXTS)]
+            files = [c for c in children if not c.is_dir() and image_format(c) is not None]
             if not folders and not files:
                 raise VolumeError(f"{p}: no scans found (image files, DICOM files or case subfolders)")
             # nnU-Net's one file per channel (imagesTs/<case>_0000.nii.gz, _0001, ...): one case each
@@ -519,7 +515,7 @@ def run_cohort(spec: ReferenceSpec, engine: EngineSpec, targets: Sequence[Target
     t0 = time.perf_counter()
     if fmt == "dicom-seg":
         for t in targets:
-            if t.path.lower().endswith(IMAGE_EXTS):
+            if image_format(t.path) is not None:
                 raise CohortError(f"{t.path}: --format dicom-seg needs DICOM series targets; use --format nifti")
     spec, ref = resolve_spec(spec)
     out = check_writable(out_dir)

@@ -971,7 +971,7 @@ class Segmenter:
             refs, scores = [r[0] for r in st.references], []
             for _, vol, k, seed in st.references:
                 mask = self._vrp(refs, self.cache.get(vol, [k], st.axis), seed.shape)[0][0]
-                scores.append(2 * (mask & seed).sum() / max(mask.sum() + seed.sum(), 1))
+                scores.append(_dice(mask, seed))
             st.vrp_self_dice = float(np.mean(scores))
         return st.vrp_self_dice >= self.config.vrp_refine_min_dice
 
