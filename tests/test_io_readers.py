@@ -237,3 +237,12 @@ def test_ct_nifti_in_hu_is_detected(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(arr, np.eye(4)), path)
     v = load_volume(path, modality="CT")
     assert v.modality == "CT" and v.is_hu
+
+
+@pytest.mark.parametrize(("source", "name"), [
+    ("/d/case_0001.nii.gz", "case_0001"), ("/d/scan.nhdr", "scan"), ("/d/SCAN.NII.GZ", "SCAN"),
+    ("/d/scan.mha", "scan"), ("/d/series_folder", "series_folder"), (None, "volume"),
+])
+def test_volume_name_drops_any_image_ending(source: str | None, name: str) -> None:
+    vol = Volume(np.zeros((2, 2, 2), np.float32), np.eye(4), source=source)
+    assert vol.name == name

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .formats import split_ending
+
 Axis = Literal["axial", "coronal", "sagittal"]
 AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
 
@@ -73,10 +75,8 @@ class Volume:
         if self.source is None:
             return "volume"
         n = Path(self.source).name
-        for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-            if n.endswith(ext):
-                return n[: -len(ext)]
-        return n
+        parts = split_ending(n)
+        return parts[0] if parts else n
 
     def digest(self) -> str:
         """Content hash of voxels + geometry: the embedding-cache key for this volume."""

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 
 from napari_vrpsam_med._coords import volume_to_layer
+from vrpsam_med.io.formats import IMAGE_FORMATS
 
 #: Volume file suffixes read by :func:`vrpsam_med.io.load_volume` (lower case); keep in sync
 #: with ``filename_patterns`` in napari.yaml.
-VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES: tuple[str, ...] = tuple(IMAGE_FORMATS)
 #: Single DICOM files: the reader opens the whole series the file belongs to.
 DICOM_SUFFIXES: tuple[str, ...] = (".dcm", ".dicom", ".ima", ".dic")
 #: How many files of a folder are looked at when deciding whether it holds DICOM.
