@@ -1010,3 +1010,27 @@ def test_a_short_result_in_a_few_slice_stack_is_logged_without_an_extent(model_a
     lines = [r.getMessage() for r in caplog.records if "trying the next seed" in r.getMessage()]
     assert lines, caplog.text
     assert all(m.endswith(" mL; trying the next seed") and " mm of the reference's " in m for m in lines), lines
+
+
+def test_tracking_passes_a_mask_that_looks_like_the_last_one_in_this_volume(model_and_cache, monkeypatch):
+    """track_other_volumes: a mask that fails the reference check passes when it looks like the last mask that
+    passed in this volume more than like the band around it, with a confidence of at most 0.5; without the
+    tracked prototypes (the default) it fails, and a mask on the background does not track."""
+    vol, lab = phantom()
+    seg = make(model_and_cache, track_other_volumes=True)
+    seg.add_reference(vol, 6, Annotation.from_mask(get_slice(lab, 6) == 1), name="ball")
+    st = seg._structures["ball"]
+    ball5 = get_slice(lab, 5) == 1
+    track = seg._track_prototypes(vol, 6, get_slice(lab, 6) == 1, 2, None)
+    emb5 = model_and_cache[1].get(vol, [5])[0]
+    assert seg._tracks(st, emb5, ball5, track)[0]
+    corner = np.zeros_like(ball5)
+    corner[:12, -12:] = True
+    assert not seg._tracks(st, emb5, corner, track)[0]
+    monkeypatch.setattr(Segmenter, "_looks_like", lambda self, *a, **k: (False, -0.1))
+    monkeypatch.setattr(Segmenter, "_decode_like", lambda self, *a, **k: (ball5, 0.9))
+    prev = get_slice(lab, 6) == 1
+    _, conf, ok = seg._propagate_one(st, vol, 5, prev, None, ball5.shape, 2, None, rule=False, track=track)
+    assert ok and 0 < conf <= 0.5
+    _, conf, ok = seg._propagate_one(st, vol, 5, prev, None, ball5.shape, 2, None, rule=False)
+    assert not ok and conf == 0

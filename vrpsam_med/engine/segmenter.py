@@ -191,6 +191,15 @@ class SegmenterConfig:
     # Opt-in: on BTCV train kidneys (4 patients, 24 pairs) it changed nothing; not yet run on test (docs/vrp.md)
     vrp_refine_seed_check: bool = False
     seed_prototype: bool = False  # other volumes: the seed's own look also counts when propagating (unproven)
+    # other volumes: a mask that fails the check against the reference still passes when it looks like the last
+    # mask that passed in this volume (cosine >= track_similarity) more than like the tissue just around that mask
+    # (by track_margin), and like the reference's foreground at least track_min_similarity. For a contrast phase
+    # the reference does not have: BTCV test, right kidney into the scan without contrast, box masks at Dice 0.89
+    # looked more like the reference's background than its foreground. Opt-in (docs/vrp.md)
+    track_other_volumes: bool = False
+    track_similarity: float = 0.85
+    track_margin: float = 0.1
+    track_min_similarity: float = 0.45
     # other volumes: a candidate seed must also look more like the reference's foreground than like each of up to
     # this many look-alikes on the reference slice (background regions whose embedding cells have cosine >=
     # look_alike_similarity to the foreground prototype: the left ventricle beside a right ventricle, the liver
@@ -860,27 +869,31 @@ class Segmenter:
         for k0, _ in seeds:
             for step in (-1, 1):
                 prev, absent, k = masks[k0], 0, k0 + step
+                prev_k = k0
                 streak, provisional = 0, []  # present slices since the last absent one (not yet confirmed)
                 while 0 <= k < n and absent < cfg.stop_after_absent:
                     if k in masks and k not in seed_slices:
                         break  # met another seed's propagation
                     if k in masks:
-                        prev, k = masks[k], k + step
+                        prev, prev_k, k = masks[k], k, k + step
                         continue
                     if not prev.any() or refine:  # VRP alone, or to refine the box
                         vrp([k])
                     prior = get_slice(prior3d, k, ax) if prior3d is not None else None
+                    track = (self._track_prototypes(volume, prev_k, prev, ax, preset)
+                             if cfg.track_other_volumes and not same and prev.any() else None)
                     mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset,
                                                      margin, prior, rule=same or cfg.stop_rule_other_volumes,
                                                      min_px=min_px, refine=refine,
-                                                     threshold=None if same else cfg.other_similarity_threshold)
+                                                     threshold=None if same else cfg.other_similarity_threshold,
+                                                     track=track)
                     conf[k] = pk
                     if progress:
                         progress(int(np.isfinite(conf).sum()), n, "slices")
                     stop()
                     inside = present is not None and k in present
                     if ok:
-                        masks[k], prev = mk, mk
+                        masks[k], prev, prev_k = mk, mk, k
                         if inside:
                             absent, streak, provisional = 0, 0, []
                         elif absent:
@@ -916,8 +929,12 @@ class Segmenter:
                        vrp_out: tuple[np.ndarray, float, float, float] | None, shape: tuple[int, int], ax: int,
                        preset: str | None, margin: float | None = None, prior: np.ndarray | None = None,
                        rule: bool = True, min_px: tuple[float, float] = MIN_MARGIN_PX, refine: bool = False,
-                       threshold: float | None = None) -> tuple[np.ndarray, float, bool]:
+                       threshold: float | None = None, track: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[np.ndarray, float, bool]:
         """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
+
+        ``track``: unit-norm prototypes (C,) of the last mask that passed in this volume and of the band just
+        around it (``track_other_volumes``); a mask that fails the reference check may pass by looking like it.
 
         Confidence = SAM's predicted IoU x how clearly the mask looks like the reference's foreground
         rather than its background (cosine margin, saturating at 0.3). With a registration ``prior``
@@ -944,20 +961,44 @@ class Segmenter:
         scored = []
         for mask, iou in candidates:
             looks, similarity_margin = self._looks_like(st, emb[0], mask, threshold)
+            tracked, track_margin = (self._tracks(st, emb[0], mask, track)
+                                     if not looks and track is not None and mask.any() else (False, 0.0))
             area_ok = mask.sum() >= cfg.min_area_ratio * max(prev.sum(), 1)
             conf = float(np.clip(iou, 0, 1) * np.clip(similarity_margin / 0.3, 0, 1))
-            scored.append((mask, conf, bool(looks and area_ok), iou))
+            scored.append((mask, conf, bool((looks or tracked) and area_ok), iou, tracked, track_margin))
         chosen = max(range(len(scored)), key=lambda i: scored[i][1])  # first of equals, as before
-        mask, conf, _, _ = scored[chosen]
+        mask, conf = scored[chosen][:2]
         # The re-decoded mask gives the shape; whether the structure is still there is judged on the box mask
         # it came from: past a structure's end the trimmed mask can pass where the box mask fails (CHAOS train
         # liver: empty slices given a mask 7.0 % judged on the trimmed mask, 3.0 % on the box mask; docs/vrp.md).
         judged = 0 if chosen == refined_at and cfg.vrp_refine_box_presence else chosen
-        judged_mask, _, ok, iou = scored[judged]
-        # rings are decoded as hole + band, which is not what the rule was fitted on
-        if ok and rule and self.stop_rule is not None and not st.ring:
+        judged_mask, _, ok, iou, tracked, track_margin = scored[judged]
+        # rings are decoded as hole + band, which is not what the rule was fitted on; a tracked mask fails the
+        # rule's reference features by construction, and the tracking test already compares it with its band
+        if ok and rule and self.stop_rule is not None and not st.ring and not tracked:
             ok = self._slice_probability(st, emb[0], judged_mask, iou, int(prev.sum())) >= cfg.stop_probability
+        if ok and tracked:  # at most 0.5: passed on this volume's own look only, worth a review
+            conf = max(conf, 0.5 * float(np.clip(iou, 0, 1) * np.clip(track_margin / 0.3, 0, 1)))
         return mask, conf, ok
+
+    def _tracks(self, st: _Structure, emb: torch.Tensor, mask: np.ndarray,
+                track: tuple[torch.Tensor, torch.Tensor]) -> tuple[bool, float]:
+        """Does ``mask`` (H, W) look like the last mask that passed in this volume, more than like the tissue
+        around it, and enough like the reference's foreground? (decision, cos to that mask - cos to its band);
+        emb (C, 64, 64)."""
+        cfg = self.config
+        proto = self._prototypes(emb, mask)[0]
+        alike, around = float(proto @ track[0]), float(proto @ track[1])
+        sfg = self._similarity_of(st, proto)[0]
+        log.debug("track: cos to last mask %.3f, to its band %.3f, to the reference %.3f", alike, around, sfg)
+        ok = alike >= cfg.track_similarity and alike - around >= cfg.track_margin and sfg >= cfg.track_min_similarity
+        return ok, alike - around
+
+    def _track_prototypes(self, volume: Volume, k: int, mask: np.ndarray, ax: int, preset: str | None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, band around it) prototypes on slice ``k`` of ``volume``, for :meth:`_tracks`."""
+        emb = self.cache.get(volume, [k], ax, preset)[0]
+        return self._prototypes(emb, mask)[0], self._prototypes(emb, self._band(mask))[0]
 
     def _vrp_reliable(self, st: _Structure) -> bool:
         """Does VRP's own mask on the reference slices match their seeds (Dice >= ``vrp_refine_min_dice``)?
