@@ -1030,7 +1030,7 @@ def test_tracking_passes_a_mask_that_looks_like_the_last_one_in_this_volume(mode
     monkeypatch.setattr(Segmenter, "_looks_like", lambda self, *a, **k: (False, -0.1))
     monkeypatch.setattr(Segmenter, "_decode_like", lambda self, *a, **k: (ball5, 0.9))
     prev = get_slice(lab, 6) == 1
-    _, conf, ok = seg._propagate_one(st, vol, 5, prev, None, ball5.shape, 2, None, rule=False, track=track)
+    _, conf, ok = seg._propagate_one(st, vol, 5, prev, None, ball5.shape, 2, None, rule=False, track=lambda: track)
     assert ok and 0 < conf <= 0.5
     _, conf, ok = seg._propagate_one(st, vol, 5, prev, None, ball5.shape, 2, None, rule=False)
     assert not ok and conf == 0

@@ -37,7 +37,7 @@ from vrpsam_med.engine.export import OutputWriteError, check_writable, export_re
 from vrpsam_med.io.annotation_file import annotation_from_mask, annotation_name, load_annotation_file
 from vrpsam_med.io.atomic import atomic_write
 from vrpsam_med.io.errors import OutputExistsError, VolumeError, VolumeWarning, one_line
-from vrpsam_med.io.formats import image_format, split_ending
+from vrpsam_med.io.formats import image_format, image_stem
 from vrpsam_med.io.volume import Volume, axis_index, get_slice
 from vrpsam_med.prompts import KINDS, Annotation, AnnotationError
 
@@ -268,8 +268,7 @@ def _safe_id(text: str) -> str:
 
 
 def _case_name(path: Path) -> str:
-    parts = split_ending(path.name)
-    return parts[0] if parts else path.name
+    return image_stem(path.name)
 
 
 def _is_dicom_folder(folder: Path, probe: int = 5) -> bool:

@@ -46,6 +46,7 @@ Each slice is encoded at most once per Segmenter (embedding cache), for all stru
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -880,7 +881,8 @@ class Segmenter:
                     if not prev.any() or refine:  # VRP alone, or to refine the box
                         vrp([k])
                     prior = get_slice(prior3d, k, ax) if prior3d is not None else None
-                    track = (self._track_prototypes(volume, prev_k, prev, ax, preset)
+                    # the last passing mask's prototypes, computed only if a candidate fails the reference check
+                    track = (functools.partial(self._track_prototypes, volume, prev_k, prev, ax, preset)
                              if cfg.track_other_volumes and not same and prev.any() else None)
                     mk, pk, ok = self._propagate_one(st, volume, k, prev, vrp_cache.get(k), shape, ax, preset,
                                                      margin, prior, rule=same or cfg.stop_rule_other_volumes,
@@ -929,12 +931,13 @@ class Segmenter:
                        vrp_out: tuple[np.ndarray, float, float, float] | None, shape: tuple[int, int], ax: int,
                        preset: str | None, margin: float | None = None, prior: np.ndarray | None = None,
                        rule: bool = True, min_px: tuple[float, float] = MIN_MARGIN_PX, refine: bool = False,
-                       threshold: float | None = None, track: tuple[torch.Tensor, torch.Tensor] | None = None
+                       threshold: float | None = None,
+                       track: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
                        ) -> tuple[np.ndarray, float, bool]:
         """Slice ``k`` from its neighbour's mask ``prev``: (mask, confidence in [0, 1], present).
 
-        ``track``: unit-norm prototypes (C,) of the last mask that passed in this volume and of the band just
-        around it (``track_other_volumes``); a mask that fails the reference check may pass by looking like it.
+        ``track``: returns unit-norm prototypes (C,) of the last mask that passed in this volume and of the band
+        just around it (``track_other_volumes``); a mask that fails the reference check may pass by looking like it.
 
         Confidence = SAM's predicted IoU x how clearly the mask looks like the reference's foreground
         rather than its background (cosine margin, saturating at 0.3). With a registration ``prior``
@@ -958,11 +961,13 @@ class Segmenter:
                     candidates[0] = refined
         if prior is not None and prior.any():
             candidates.append(self._decode_like(st, emb, prior, shape, margin, image, min_px))
-        scored = []
+        scored, protos = [], None
         for mask, iou in candidates:
             looks, similarity_margin = self._looks_like(st, emb[0], mask, threshold)
-            tracked, track_margin = (self._tracks(st, emb[0], mask, track)
-                                     if not looks and track is not None and mask.any() else (False, 0.0))
+            tracked, track_margin = False, 0.0
+            if not looks and track is not None and mask.any():
+                protos = protos or track()
+                tracked, track_margin = self._tracks(st, emb[0], mask, protos)
             area_ok = mask.sum() >= cfg.min_area_ratio * max(prev.sum(), 1)
             conf = float(np.clip(iou, 0, 1) * np.clip(similarity_margin / 0.3, 0, 1))
             scored.append((mask, conf, bool((looks or tracked) and area_ok), iou, tracked, track_margin))

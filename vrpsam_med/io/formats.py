@@ -20,6 +20,12 @@ def split_ending(name: str) -> tuple[str, str] | None:
     return None
 
 
+def image_stem(name: str) -> str:
+    """``case_0000.nii.gz`` -> ``case_0000``; a name without an image ending (a DICOM folder) as it is."""
+    parts = split_ending(name)
+    return parts[0] if parts else name
+
+
 def image_format(path: str | Path) -> str | None:
     """'nifti' | 'nrrd' | 'metaimage' from the file name, else None."""
     parts = split_ending(Path(path).name)

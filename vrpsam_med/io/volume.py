@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .formats import split_ending
+from .formats import image_stem
 
 Axis = Literal["axial", "coronal", "sagittal"]
 AXES: dict[str, int] = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -74,9 +74,7 @@ class Volume:
     def name(self) -> str:
         if self.source is None:
             return "volume"
-        n = Path(self.source).name
-        parts = split_ending(n)
-        return parts[0] if parts else n
+        return image_stem(Path(self.source).name)
 
     def digest(self) -> str:
         """Content hash of voxels + geometry: the embedding-cache key for this volume."""
